@@ -1,0 +1,1031 @@
+//! The YAML config file -> a validated [`Config`].
+//!
+//! The file is read into a generic tree first and walked by hand, so that every
+//! problem (unknown key, wrong type, missing value, unset `$VAR`, bad duration…)
+//! is reported at once with its key path, as `path.to.key: reason`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::Value;
+use url::Url;
+
+use crate::secret::Secret;
+
+pub const CONNECTOR_TYPE: &str = "bitbucket-cloud";
+pub const DEFAULT_AUTH_URL: &str = "https://bitbucket.org/site/oauth2/authorize";
+pub const DEFAULT_TOKEN_URL: &str = "https://bitbucket.org/site/oauth2/access_token";
+pub const DEFAULT_API_URL: &str = "https://api.bitbucket.org/2.0";
+pub const DEFAULT_LEGACY_API_URL: &str = "https://api.bitbucket.org/1.0";
+pub const DEFAULT_ADDR: &str = "127.0.0.1:5557";
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub grpc: GrpcConfig,
+    pub telemetry: TelemetryConfig,
+    pub logger: LoggerConfig,
+    pub connector_data: ConnectorDataConfig,
+    pub connectors: Vec<ConnectorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(a) => write!(f, "{a}"),
+            ListenAddr::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    pub addr: ListenAddr,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_client_ca: Option<PathBuf>,
+    pub reflection: bool,
+    pub auth_tokens: Vec<Secret>,
+    pub shutdown_timeout: Duration,
+    /// Largest request message accepted (bytes).
+    pub max_request_bytes: usize,
+    /// RPCs served at once; more are refused with RESOURCE_EXHAUSTED.
+    pub max_in_flight: usize,
+    /// Deadline applied to an RPC whose caller sent none.
+    pub default_timeout: Duration,
+    /// HTTP/2 keepalive ping interval.
+    pub keepalive_interval: Duration,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct TelemetryConfig {
+    pub http: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoggerConfig {
+    pub level: tracing::Level,
+    pub format: LogFormat,
+}
+
+impl Default for LoggerConfig {
+    fn default() -> Self {
+        LoggerConfig {
+            level: tracing::Level::INFO,
+            format: LogFormat::Text,
+        }
+    }
+}
+
+/// A 32-byte data key; `Debug` never shows it.
+#[derive(Clone)]
+pub struct DataKey(pub [u8; 32]);
+
+impl fmt::Debug for DataKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("DataKey([redacted])")
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct ConnectorDataConfig {
+    pub keys: Vec<DataKey>,
+    pub accept_dex_plaintext: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct BasicAuth {
+    pub username: String,
+    pub password: Secret,
+}
+
+/// One `bitbucket-cloud` connector entry.
+#[derive(Debug, Clone)]
+pub struct ConnectorConfig {
+    pub id: String,
+    pub name: String,
+    pub client_id: String,
+    pub client_secret: Secret,
+    pub redirect_uri: String,
+    pub teams: Vec<String>,
+    pub include_team_groups: bool,
+    pub get_workspace_permissions: bool,
+    pub team_groups_auth: Option<BasicAuth>,
+    pub team_groups_cache_ttl: Duration,
+    pub auth_url: Url,
+    pub token_url: Url,
+    pub api_url: Url,
+    pub legacy_api_url: Url,
+    /// Timeout of one upstream HTTP request (one attempt).
+    pub upstream_timeout: Duration,
+}
+
+impl ConnectorConfig {
+    /// The one-line summary `check-config` prints; no secrets.
+    pub fn summary(&self) -> String {
+        let mut s = format!(
+            "connector {:?} ({}): clientID {:?}, redirectURI {}, teams {}",
+            self.id,
+            self.name,
+            self.client_id,
+            self.redirect_uri,
+            if self.teams.is_empty() {
+                "(any)".to_string()
+            } else {
+                format!("[{}]", self.teams.join(", "))
+            }
+        );
+        if self.include_team_groups {
+            s.push_str(", includeTeamGroups");
+            match &self.team_groups_auth {
+                Some(a) => s.push_str(&format!(" (as {})", a.username)),
+                None => s.push_str(" (with the user's token)"),
+            }
+        }
+        if self.get_workspace_permissions {
+            s.push_str(", getWorkspacePermissions");
+        }
+        if self.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
+            s.push_str(&format!(", apiURL {}", self.api_url));
+        }
+        s
+    }
+}
+
+/// Every problem found in a config file, one `path: reason` each.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<String>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0.join("\n"))
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+impl Config {
+    /// Reads and validates a config file, with `$VAR`s taken from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
+        let env: BTreeMap<String, String> = std::env::vars().collect();
+        Config::parse(&text, &|name: &str| env.get(name).cloned()).map_err(|ConfigErrors(errs)| {
+            ConfigErrors(
+                errs.into_iter()
+                    .map(|e| format!("{}: {e}", path.display()))
+                    .collect(),
+            )
+        })
+    }
+
+    /// Parses and validates YAML text; `env` resolves `$VAR`s.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        let tree: Value = if text.trim().is_empty() {
+            Value::Object(Default::default())
+        } else {
+            serde_saphyr::from_str(text)
+                .map_err(|e| ConfigErrors(vec![format!("invalid YAML: {e}")]))?
+        };
+        let mut w = Walker {
+            errors: Vec::new(),
+            env,
+        };
+        let cfg = w.config(&tree);
+        match cfg {
+            Some(cfg) if w.errors.is_empty() => Ok(cfg),
+            _ => Err(ConfigErrors(w.errors)),
+        }
+    }
+
+    /// Problems that only show once files are looked at (TLS material).
+    pub fn check_files(&self) -> Vec<String> {
+        let mut errs = Vec::new();
+        for (key, p) in [
+            ("grpc.tlsCert", &self.grpc.tls_cert),
+            ("grpc.tlsKey", &self.grpc.tls_key),
+            ("grpc.tlsClientCA", &self.grpc.tls_client_ca),
+        ] {
+            if let Some(p) = p {
+                if let Err(e) = std::fs::metadata(p).and_then(|_| std::fs::File::open(p)) {
+                    errs.push(format!("{key}: cannot read {}: {e}", p.display()));
+                }
+            }
+        }
+        errs
+    }
+}
+
+struct Walker<'a> {
+    errors: Vec<String>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+type Map = serde_json::Map<String, Value>;
+
+impl Walker<'_> {
+    fn err(&mut self, path: &str, msg: impl fmt::Display) {
+        self.errors.push(format!("{path}: {msg}"));
+    }
+
+    /// A mapping with only `allowed` keys; `null` counts as empty.
+    fn object<'v>(&mut self, path: &str, v: Option<&'v Value>, allowed: &[&str]) -> Option<&'v Map> {
+        static EMPTY: std::sync::OnceLock<Map> = std::sync::OnceLock::new();
+        match v {
+            None | Some(Value::Null) => Some(EMPTY.get_or_init(Map::new)),
+            Some(Value::Object(m)) => {
+                for k in m.keys() {
+                    if !allowed.contains(&k.as_str()) {
+                        let hint = allowed
+                            .iter()
+                            .find(|a| a.eq_ignore_ascii_case(k))
+                            .map(|a| format!(" (did you mean {a:?}?)"))
+                            .unwrap_or_default();
+                        self.err(&join(path, k), format!("unknown key{hint}"));
+                    }
+                }
+                Some(m)
+            }
+            Some(other) => {
+                self.err(path, format!("expected a mapping, got {}", type_name(other)));
+                None
+            }
+        }
+    }
+
+    /// A plain string, no expansion. Numbers are accepted as their text.
+    fn raw_string(&mut self, path: &str, v: Option<&Value>) -> Option<String> {
+        match v {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(Value::Number(n)) => Some(n.to_string()),
+            Some(other) => {
+                self.err(path, format!("expected a string, got {}", type_name(other)));
+                None
+            }
+        }
+    }
+
+    /// A string with `$VAR` / `${VAR}` expanded.
+    fn string(&mut self, path: &str, v: Option<&Value>) -> Option<String> {
+        let s = self.raw_string(path, v)?;
+        match expand_env(&s, self.env) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                self.err(path, e);
+                None
+            }
+        }
+    }
+
+    fn required(&mut self, path: &str, v: Option<String>) -> String {
+        match v {
+            Some(s) if !s.trim().is_empty() => s,
+            Some(_) => {
+                self.err(path, "must not be empty");
+                String::new()
+            }
+            None => {
+                self.err(path, "required");
+                String::new()
+            }
+        }
+    }
+
+    fn bool(&mut self, path: &str, v: Option<&Value>, default: bool) -> bool {
+        match v {
+            None | Some(Value::Null) => default,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                self.err(path, format!("expected true or false, got {}", type_name(other)));
+                default
+            }
+        }
+    }
+
+    fn duration(&mut self, path: &str, v: Option<&Value>, default: Duration) -> Duration {
+        let Some(s) = self.raw_string(path, v) else {
+            return default;
+        };
+        match parse_go_duration(&s) {
+            Ok(d) => d,
+            Err(e) => {
+                self.err(path, e);
+                default
+            }
+        }
+    }
+
+    fn usize(&mut self, path: &str, v: Option<&Value>, default: usize, min: usize) -> usize {
+        match v {
+            None | Some(Value::Null) => default,
+            Some(Value::Number(n)) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
+                Some(n) if n >= min => n,
+                _ => {
+                    self.err(path, format!("expected a whole number of at least {min}, got {n}"));
+                    default
+                }
+            },
+            Some(other) => {
+                self.err(path, format!("expected a number, got {}", type_name(other)));
+                default
+            }
+        }
+    }
+
+    fn list<'v>(&mut self, path: &str, v: Option<&'v Value>) -> &'v [Value] {
+        match v {
+            None | Some(Value::Null) => &[],
+            Some(Value::Array(a)) => a,
+            Some(other) => {
+                self.err(path, format!("expected a list, got {}", type_name(other)));
+                &[]
+            }
+        }
+    }
+
+    fn string_list(&mut self, path: &str, v: Option<&Value>, expand: bool) -> Vec<String> {
+        let items = self.list(path, v);
+        let mut out = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("{path}[{i}]");
+            let s = if expand {
+                self.string(&p, Some(item))
+            } else {
+                self.raw_string(&p, Some(item))
+            };
+            match s {
+                Some(s) if !s.trim().is_empty() => out.push(s),
+                Some(_) => self.err(&p, "must not be empty"),
+                None if item.is_null() => self.err(&p, "must not be empty"),
+                None => {}
+            }
+        }
+        out
+    }
+
+    fn url(&mut self, path: &str, v: Option<&Value>, default: &str) -> Url {
+        let fallback = || Url::parse(default).expect_default();
+        let Some(s) = self.string(path, v) else {
+            return fallback();
+        };
+        match parse_http_url(&s) {
+            Ok(u) => u,
+            Err(e) => {
+                self.err(path, e);
+                fallback()
+            }
+        }
+    }
+
+    fn config(&mut self, root: &Value) -> Option<Config> {
+        let top = self.object(
+            "",
+            Some(root),
+            &["grpc", "telemetry", "logger", "connectorData", "connectors"],
+        )?;
+        let grpc = self.grpc(top.get("grpc"));
+        let telemetry = self.telemetry(top.get("telemetry"));
+        let logger = self.logger(top.get("logger"));
+        let connector_data = self.connector_data(top.get("connectorData"));
+        let connectors = self.connectors(top.get("connectors"));
+        Some(Config {
+            grpc,
+            telemetry,
+            logger,
+            connector_data,
+            connectors,
+        })
+    }
+
+    fn grpc(&mut self, v: Option<&Value>) -> GrpcConfig {
+        const P: &str = "grpc";
+        let m = self
+            .object(
+                P,
+                v,
+                &[
+                    "addr",
+                    "tlsCert",
+                    "tlsKey",
+                    "tlsClientCA",
+                    "reflection",
+                    "authTokens",
+                    "shutdownTimeout",
+                    "maxRequestBytes",
+                    "maxInFlight",
+                    "defaultTimeout",
+                    "keepaliveInterval",
+                ],
+            )
+            .cloned()
+            .unwrap_or_default();
+        let addr_s = self
+            .raw_string("grpc.addr", m.get("addr"))
+            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
+        let addr = match parse_listen_addr(&addr_s) {
+            Ok(a) => a,
+            Err(e) => {
+                self.err("grpc.addr", e);
+                ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5557)))
+            }
+        };
+        let path = |w: &mut Self, key: &str| {
+            w.raw_string(&join(P, key), m.get(key))
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        };
+        let tls_cert = path(self, "tlsCert");
+        let tls_key = path(self, "tlsKey");
+        let tls_client_ca = path(self, "tlsClientCA");
+        match (&tls_cert, &tls_key) {
+            (Some(_), None) => self.err("grpc.tlsKey", "required when grpc.tlsCert is set"),
+            (None, Some(_)) => self.err("grpc.tlsCert", "required when grpc.tlsKey is set"),
+            _ => {}
+        }
+        if tls_client_ca.is_some() && tls_cert.is_none() {
+            self.err("grpc.tlsClientCA", "needs grpc.tlsCert and grpc.tlsKey (mTLS is TLS)");
+        }
+        if matches!(addr, ListenAddr::Unix(_)) && tls_cert.is_some() {
+            self.err("grpc.tlsCert", "TLS is not supported on a unix socket");
+        }
+        let auth_tokens = self
+            .string_list("grpc.authTokens", m.get("authTokens"), true)
+            .into_iter()
+            .map(Secret::new)
+            .collect();
+        GrpcConfig {
+            addr,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
+            reflection: self.bool("grpc.reflection", m.get("reflection"), true),
+            auth_tokens,
+            shutdown_timeout: self.duration(
+                "grpc.shutdownTimeout",
+                m.get("shutdownTimeout"),
+                Duration::from_secs(10),
+            ),
+            max_request_bytes: self.usize("grpc.maxRequestBytes", m.get("maxRequestBytes"), 64 * 1024, 1024),
+            max_in_flight: self.usize("grpc.maxInFlight", m.get("maxInFlight"), 1024, 1),
+            default_timeout: self.duration(
+                "grpc.defaultTimeout",
+                m.get("defaultTimeout"),
+                Duration::from_secs(30),
+            ),
+            keepalive_interval: self.duration(
+                "grpc.keepaliveInterval",
+                m.get("keepaliveInterval"),
+                Duration::from_secs(60),
+            ),
+        }
+    }
+
+    fn telemetry(&mut self, v: Option<&Value>) -> TelemetryConfig {
+        let Some(m) = self.object("telemetry", v, &["http"]) else {
+            return TelemetryConfig::default();
+        };
+        let http = self
+            .raw_string("telemetry.http", m.get("http"))
+            .filter(|s| !s.is_empty());
+        let http = http.and_then(|s| match parse_listen_addr(&s) {
+            Ok(ListenAddr::Tcp(a)) => Some(a),
+            Ok(ListenAddr::Unix(_)) => {
+                self.err("telemetry.http", "must be host:port");
+                None
+            }
+            Err(e) => {
+                self.err("telemetry.http", e);
+                None
+            }
+        });
+        TelemetryConfig { http }
+    }
+
+    fn logger(&mut self, v: Option<&Value>) -> LoggerConfig {
+        let Some(m) = self.object("logger", v, &["level", "format"]) else {
+            return LoggerConfig::default();
+        };
+        let mut cfg = LoggerConfig::default();
+        if let Some(l) = self.raw_string("logger.level", m.get("level")) {
+            match l.to_ascii_lowercase().as_str() {
+                "error" => cfg.level = tracing::Level::ERROR,
+                "warn" | "warning" => cfg.level = tracing::Level::WARN,
+                "info" => cfg.level = tracing::Level::INFO,
+                "debug" => cfg.level = tracing::Level::DEBUG,
+                "trace" => cfg.level = tracing::Level::TRACE,
+                _ => self.err(
+                    "logger.level",
+                    format!("{l:?} is not one of error, warn, info, debug, trace"),
+                ),
+            }
+        }
+        if let Some(f) = self.raw_string("logger.format", m.get("format")) {
+            match f.as_str() {
+                "text" => cfg.format = LogFormat::Text,
+                "json" => cfg.format = LogFormat::Json,
+                _ => self.err("logger.format", format!("{f:?} is not one of text, json")),
+            }
+        }
+        cfg
+    }
+
+    fn connector_data(&mut self, v: Option<&Value>) -> ConnectorDataConfig {
+        const P: &str = "connectorData";
+        let mut cfg = ConnectorDataConfig {
+            keys: Vec::new(),
+            accept_dex_plaintext: false,
+        };
+        let Some(m) = self.object(P, v, &["keys", "acceptDexPlaintext"]) else {
+            return cfg;
+        };
+        let items = self.list("connectorData.keys", m.get("keys"));
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("connectorData.keys[{i}]");
+            let Some(s) = self.string(&p, Some(item)) else {
+                if item.is_null() {
+                    self.err(&p, "must not be empty");
+                }
+                continue;
+            };
+            match decode_key(&s) {
+                Ok(k) => cfg.keys.push(k),
+                Err(e) => self.err(&p, e),
+            }
+        }
+        if cfg.keys.is_empty() && !self.errors.iter().any(|e| e.starts_with("connectorData.keys")) {
+            self.err(
+                "connectorData.keys",
+                "required: at least one key (base64 of 32 random bytes, e.g. `openssl rand -base64 32`)",
+            );
+        }
+        cfg.accept_dex_plaintext =
+            self.bool("connectorData.acceptDexPlaintext", m.get("acceptDexPlaintext"), false);
+        cfg
+    }
+
+    fn connectors(&mut self, v: Option<&Value>) -> Vec<ConnectorConfig> {
+        let items = self.list("connectors", v);
+        if items.is_empty() && !matches!(v, Some(Value::Array(_)) | None | Some(Value::Null)) {
+            return Vec::new();
+        }
+        if items.is_empty() {
+            self.err("connectors", "at least one bitbucket-cloud connector is required");
+        }
+        let mut out = Vec::new();
+        let mut ids = HashSet::new();
+        for (i, item) in items.iter().enumerate() {
+            let p = format!("connectors[{i}]");
+            if let Some(c) = self.connector(&p, item) {
+                if !ids.insert(c.id.clone()) {
+                    self.err(&join(&p, "id"), format!("duplicate connector id {:?}", c.id));
+                }
+                out.push(c);
+            }
+        }
+        out
+    }
+
+    fn connector(&mut self, p: &str, v: &Value) -> Option<ConnectorConfig> {
+        let m = self.object(p, Some(v), &["type", "id", "name", "config"])?;
+        let ty = self.raw_string(&join(p, "type"), m.get("type"));
+        let ty = self.required(&join(p, "type"), ty);
+        if !ty.is_empty() && ty != CONNECTOR_TYPE {
+            self.err(
+                &join(p, "type"),
+                format!("unsupported connector type {ty:?} (only {CONNECTOR_TYPE:?})"),
+            );
+        }
+        let id = self.raw_string(&join(p, "id"), m.get("id"));
+        let id = self.required(&join(p, "id"), id);
+        let name = self
+            .raw_string(&join(p, "name"), m.get("name"))
+            .unwrap_or_else(|| "Bitbucket Cloud".to_string());
+        let cp = join(p, "config");
+        if m.get("config").is_none() {
+            self.err(&cp, "required");
+        }
+        let c = self.object(
+            &cp,
+            m.get("config"),
+            &[
+                "clientID",
+                "clientSecret",
+                "redirectURI",
+                "teams",
+                "includeTeamGroups",
+                "getWorkspacePermissions",
+                "teamGroupsAuth",
+                "teamGroupsCacheTTL",
+                "authURL",
+                "tokenURL",
+                "apiURL",
+                "legacyAPIURL",
+                "upstreamTimeout",
+            ],
+        )?;
+        let k = |key: &str| join(&cp, key);
+        let client_id = self.string(&k("clientID"), c.get("clientID"));
+        let client_id = self.required(&k("clientID"), client_id);
+        let client_secret = self.string(&k("clientSecret"), c.get("clientSecret"));
+        let client_secret = Secret::new(self.required(&k("clientSecret"), client_secret));
+        let redirect = self.string(&k("redirectURI"), c.get("redirectURI"));
+        let redirect_uri = self.required(&k("redirectURI"), redirect);
+        if !redirect_uri.is_empty() {
+            if let Err(e) = parse_http_url(&redirect_uri) {
+                self.err(&k("redirectURI"), e);
+            }
+        }
+        let teams = self.string_list(&k("teams"), c.get("teams"), true);
+        let include_team_groups = self.bool(&k("includeTeamGroups"), c.get("includeTeamGroups"), false);
+        let get_workspace_permissions = self.bool(
+            &k("getWorkspacePermissions"),
+            c.get("getWorkspacePermissions"),
+            false,
+        );
+        let ap = k("teamGroupsAuth");
+        let team_groups_auth = match c.get("teamGroupsAuth") {
+            None | Some(Value::Null) => None,
+            some => self.object(&ap, some, &["username", "password"]).and_then(|a| {
+                let u = self.string(&join(&ap, "username"), a.get("username"));
+                let u = self.required(&join(&ap, "username"), u);
+                let pw = self.string(&join(&ap, "password"), a.get("password"));
+                let pw = self.required(&join(&ap, "password"), pw);
+                (!u.is_empty() && !pw.is_empty()).then(|| BasicAuth {
+                    username: u,
+                    password: Secret::new(pw),
+                })
+            }),
+        };
+        let team_groups_cache_ttl = self.duration(
+            &k("teamGroupsCacheTTL"),
+            c.get("teamGroupsCacheTTL"),
+            Duration::from_secs(60),
+        );
+        Some(ConnectorConfig {
+            id,
+            name,
+            client_id,
+            client_secret,
+            redirect_uri,
+            teams,
+            include_team_groups,
+            get_workspace_permissions,
+            team_groups_auth,
+            team_groups_cache_ttl,
+            auth_url: self.url(&k("authURL"), c.get("authURL"), DEFAULT_AUTH_URL),
+            token_url: self.url(&k("tokenURL"), c.get("tokenURL"), DEFAULT_TOKEN_URL),
+            api_url: self.url(&k("apiURL"), c.get("apiURL"), DEFAULT_API_URL),
+            legacy_api_url: self.url(&k("legacyAPIURL"), c.get("legacyAPIURL"), DEFAULT_LEGACY_API_URL),
+            upstream_timeout: self.duration(
+                &k("upstreamTimeout"),
+                c.get("upstreamTimeout"),
+                Duration::from_secs(10),
+            ),
+        })
+    }
+}
+
+trait ExpectDefault {
+    fn expect_default(self) -> Url;
+}
+
+impl ExpectDefault for Result<Url, url::ParseError> {
+    /// Built-in default URLs are constants known to parse.
+    #[allow(clippy::expect_used)]
+    fn expect_default(self) -> Url {
+        self.expect("built-in default URL parses")
+    }
+}
+
+/// Expands `$VAR` and `${VAR}` (dex's rule); `$$` is a literal `$`. An unset
+/// variable is an error naming it.
+pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    let mut out = String::with_capacity(s.len());
+    let mut chars = s.char_indices().peekable();
+    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    while let Some((_, c)) = chars.next() {
+        if c != '$' {
+            out.push(c);
+            continue;
+        }
+        match chars.peek().copied() {
+            Some((_, '$')) => {
+                chars.next();
+                out.push('$');
+            }
+            Some((start, '{')) => {
+                chars.next();
+                let rest = &s[start + 1..];
+                let Some(end) = rest.find('}') else {
+                    return Err("unterminated ${ in value".to_string());
+                };
+                let name = &rest[..end];
+                if name.is_empty() || !name.chars().all(is_name) {
+                    return Err(format!("invalid variable name ${{{name}}}"));
+                }
+                for _ in 0..=end {
+                    chars.next();
+                }
+                out.push_str(&lookup(name, env)?);
+            }
+            Some((start, c)) if is_name(c) => {
+                let mut end = start;
+                while let Some(&(i, c)) = chars.peek() {
+                    if !is_name(c) {
+                        break;
+                    }
+                    end = i + c.len_utf8();
+                    chars.next();
+                }
+                out.push_str(&lookup(&s[start..end], env)?);
+            }
+            _ => out.push('$'),
+        }
+    }
+    Ok(out)
+}
+
+fn lookup(name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    env(name).ok_or_else(|| format!("environment variable ${name} is not set"))
+}
+
+/// Go's `time.ParseDuration` syntax: `300ms`, `1.5h`, `1h30m`, `0`.
+pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
+    let bad = || format!("{s:?} is not a duration (use Go's syntax: 500ms, 60s, 5m, 1h30m)");
+    let t = s.trim();
+    if t == "0" {
+        return Ok(Duration::ZERO);
+    }
+    if t.is_empty() || t.starts_with('-') {
+        return Err(bad());
+    }
+    let t = t.strip_prefix('+').unwrap_or(t);
+    let mut total = 0f64;
+    let mut rest = t;
+    while !rest.is_empty() {
+        let num_end = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .ok_or_else(bad)?;
+        if num_end == 0 {
+            return Err(bad());
+        }
+        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
+        rest = &rest[num_end..];
+        let unit_end = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let scale = match &rest[..unit_end] {
+            "ns" => 1e-9,
+            "us" | "µs" | "μs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            _ => return Err(bad()),
+        };
+        total += n * scale;
+        rest = &rest[unit_end..];
+    }
+    if !total.is_finite() || total > 1e9 {
+        return Err(bad());
+    }
+    Ok(Duration::from_secs_f64(total))
+}
+
+/// `host:port` or `unix:/path`.
+pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
+    if let Some(p) = s.strip_prefix("unix:") {
+        let p = p.strip_prefix("//").unwrap_or(p);
+        if p.is_empty() {
+            return Err("unix: needs a socket path".to_string());
+        }
+        return Ok(ListenAddr::Unix(PathBuf::from(p)));
+    }
+    if let Ok(a) = s.parse::<SocketAddr>() {
+        return Ok(ListenAddr::Tcp(a));
+    }
+    // A host name: only localhost resolves without asking DNS.
+    if let Some(port) = s.strip_prefix("localhost:") {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
+        }
+    }
+    if let Some(port) = s.strip_prefix(':') {
+        if let Ok(port) = port.parse::<u16>() {
+            return Ok(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], port))));
+        }
+    }
+    Err(format!(
+        "{s:?} is not an address (use IP:port such as 127.0.0.1:5557, [::1]:5557, :5557, or unix:/path/to.sock)"
+    ))
+}
+
+fn parse_http_url(s: &str) -> Result<Url, String> {
+    let u = Url::parse(s).map_err(|e| format!("{s:?} is not an absolute URL: {e}"))?;
+    if u.scheme() != "http" && u.scheme() != "https" {
+        return Err(format!("{s:?} must be an http or https URL"));
+    }
+    if u.host_str().is_none_or(str::is_empty) {
+        return Err(format!("{s:?} has no host"));
+    }
+    Ok(u)
+}
+
+/// Base64 (standard or URL-safe, padded or not) of exactly 32 bytes.
+pub fn decode_key(s: &str) -> Result<DataKey, String> {
+    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
+    let t = s.trim();
+    let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
+        .iter()
+        .find_map(|e| e.decode(t).ok())
+        .ok_or_else(|| "not valid base64 (standard or URL-safe)".to_string())?;
+    let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
+        format!(
+            "must decode to 32 bytes, got {} (e.g. `openssl rand -base64 32`)",
+            bytes.len()
+        )
+    })?;
+    Ok(DataKey(arr))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(name: &str) -> Option<String> {
+        match name {
+            "SECRET" => Some("s3cret-value".into()),
+            "KEY" => Some("AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=".into()),
+            "ID" => Some("client-id".into()),
+            _ => None,
+        }
+    }
+
+    const GOOD: &str = r#"
+grpc:
+  addr: 127.0.0.1:0
+connectorData:
+  keys: [$KEY]
+connectors:
+- type: bitbucket-cloud
+  id: bitbucket-cloud
+  name: Bitbucket Cloud
+  config:
+    clientID: ${ID}
+    clientSecret: $SECRET
+    redirectURI: http://127.0.0.1:5556/dex/callback
+    teams: [my-team, "{6f0c3a52-0000-0000-0000-000000000000}"]
+    includeTeamGroups: true
+    teamGroupsCacheTTL: 1m30s
+"#;
+
+    #[test]
+    fn parses_a_good_config_with_env_expansion() {
+        let c = Config::parse(GOOD, &env).unwrap();
+        let k = &c.connectors[0];
+        assert_eq!(k.client_id, "client-id");
+        assert_eq!(k.client_secret.expose(), "s3cret-value");
+        assert_eq!(k.teams.len(), 2);
+        assert_eq!(k.team_groups_cache_ttl, Duration::from_secs(90));
+        assert_eq!(c.connector_data.keys[0].0[31], 31);
+        assert_eq!(c.grpc.shutdown_timeout, Duration::from_secs(10));
+        assert!(c.grpc.reflection);
+        assert_eq!(k.api_url.as_str(), "https://api.bitbucket.org/2.0");
+    }
+
+    #[test]
+    fn debug_output_redacts_secrets() {
+        let c = Config::parse(GOOD, &env).unwrap();
+        let dbg = format!("{c:?}");
+        assert!(!dbg.contains("s3cret-value"), "{dbg}");
+        assert!(!dbg.contains("AAECAwQF"), "{dbg}");
+        assert!(dbg.contains("[redacted]"));
+        assert!(!c.connectors[0].summary().contains("s3cret"));
+    }
+
+    #[test]
+    fn reports_every_problem_at_once_with_paths() {
+        let text = r#"
+grpc:
+  adr: 127.0.0.1:5557
+  shutdownTimeout: soon
+connectorData:
+  keys: [dG9vc2hvcnQ=]
+connectors:
+- type: github
+  id: a
+  config:
+    clientSecret: $NOPE
+    redirectURI: /callback
+- type: bitbucket-cloud
+  id: a
+  config: {clientID: x, clientSecret: y, redirectURI: "https://x/cb"}
+"#;
+        let errs = Config::parse(text, &env).unwrap_err().0;
+        let want = [
+            "grpc.adr: unknown key",
+            "grpc.shutdownTimeout: \"soon\" is not a duration",
+            "connectorData.keys[0]: must decode to 32 bytes, got 8",
+            "connectors[0].type: unsupported connector type \"github\"",
+            "connectors[0].config.clientID: required",
+            "connectors[0].config.clientSecret: environment variable $NOPE is not set",
+            "connectors[0].config.redirectURI: \"/callback\" is not an absolute URL",
+            "connectors[1].id: duplicate connector id \"a\"",
+        ];
+        for w in want {
+            assert!(errs.iter().any(|e| e.starts_with(w)), "missing {w:?} in {errs:#?}");
+        }
+        assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn an_empty_file_names_what_is_required() {
+        let errs = Config::parse("", &env).unwrap_err().0;
+        assert!(errs.iter().any(|e| e.starts_with("connectorData.keys: required")));
+        assert!(errs.iter().any(|e| e.starts_with("connectors: at least one")));
+    }
+
+    #[test]
+    fn yaml_syntax_errors_are_one_problem() {
+        let errs = Config::parse("grpc: [unclosed", &env).unwrap_err().0;
+        assert_eq!(errs.len(), 1);
+        assert!(errs[0].starts_with("invalid YAML"), "{errs:?}");
+    }
+
+    #[test]
+    fn go_durations() {
+        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
+        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
+        for bad in ["", "10", "s", "-1s", "1d", "1h-", "1..5s"] {
+            assert!(parse_go_duration(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn env_expansion_rules() {
+        assert_eq!(expand_env("a$ID-${ID}b", &env).unwrap(), "aclient-id-client-idb");
+        assert_eq!(expand_env("cost $$5", &env).unwrap(), "cost $5");
+        assert_eq!(expand_env("trailing $", &env).unwrap(), "trailing $");
+        assert!(expand_env("$MISSING", &env).unwrap_err().contains("$MISSING"));
+        assert!(expand_env("${ID", &env).is_err());
+        assert_eq!(expand_env("ünïcode $ID", &env).unwrap(), "ünïcode client-id");
+    }
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(
+            parse_listen_addr("unix:/tmp/x.sock"),
+            Ok(ListenAddr::Unix("/tmp/x.sock".into()))
+        );
+        assert!(matches!(parse_listen_addr("[::1]:5557"), Ok(ListenAddr::Tcp(_))));
+        assert!(matches!(parse_listen_addr(":5557"), Ok(ListenAddr::Tcp(_))));
+        assert!(parse_listen_addr("example.com:5557").is_err());
+    }
+
+    #[test]
+    fn keys_accept_both_base64_alphabets() {
+        let std_key = "+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/8=";
+        let url_key = "-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_8";
+        assert_eq!(decode_key(std_key).unwrap().0, decode_key(url_key).unwrap().0);
+    }
+}

@@ -1,0 +1,1 @@
+//! The fake Bitbucket Cloud (being written).

@@ -1,0 +1,41 @@
+//! bitbucket-connector: dex's `bitbucket-cloud` connector as a gRPC service.
+//!
+//! Where things happen:
+//! - [`bitbucket`]: the only code that speaks HTTP to Bitbucket Cloud;
+//! - [`connector`]: the domain, where an identity is decided (no gRPC, no HTTP);
+//! - [`grpc`]: proto <-> domain, and the one place errors become `tonic::Status`;
+//! - [`server`]: the tonic server, health, reflection, auth, limits, shutdown;
+//! - [`sealing`]: connector data sealed with the operator's keys;
+//! - [`fake_bitbucket`]: a faithful fake Bitbucket Cloud for `demo` and tests.
+#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+
+pub mod config;
+pub mod fake_bitbucket;
+pub mod sealing;
+pub mod secret;
+
+/// The generated protobuf and gRPC code, fenced off from the rest.
+pub mod pb {
+    #![allow(clippy::all, clippy::pedantic, missing_docs)]
+    tonic::include_proto!("connector.v1");
+
+    /// The descriptor set served by reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("connector_descriptor");
+
+    impl std::fmt::Debug for Identity {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Identity")
+                .field("user_id", &self.user_id)
+                .field("username", &self.username)
+                .field("preferred_username", &self.preferred_username)
+                .field("email", &self.email)
+                .field("email_verified", &self.email_verified)
+                .field("groups", &self.groups)
+                .field(
+                    "connector_data",
+                    &format_args!("[{} bytes redacted]", self.connector_data.len()),
+                )
+                .finish()
+        }
+    }
+}

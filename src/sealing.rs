@@ -1,0 +1,1 @@
+//! Connector data sealing (being written).
