@@ -1,0 +1,1 @@
+//! JSON Schema subset validator and spec extraction (tests only).
