@@ -9,10 +9,17 @@
 //! - [`fake_bitbucket`]: a faithful fake Bitbucket Cloud for `demo` and tests.
 #![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
 
+pub mod bitbucket;
+pub mod cli;
 pub mod config;
+pub mod connector;
 pub mod fake_bitbucket;
+pub mod grpc;
+pub mod metrics;
 pub mod sealing;
 pub mod secret;
+pub mod server;
+pub mod telemetry;
 
 /// The generated protobuf and gRPC code, fenced off from the rest.
 pub mod pb {

@@ -1,1 +1,50 @@
-fn main() {}
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// dex's bitbucket-cloud connector as a gRPC service (connector.v1.ConnectorService).
+#[derive(Parser)]
+#[command(name = "bitbucket-connector", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve gRPC until SIGTERM/SIGINT, then drain and exit 0.
+    Serve {
+        /// The YAML config file.
+        #[arg(short, long, env = "BITBUCKET_CONNECTOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Validate a config file: print every problem and exit 1, or a summary and exit 0.
+    CheckConfig {
+        /// The YAML config file.
+        #[arg(short, long, env = "BITBUCKET_CONNECTOR_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the whole login against a built-in fake Bitbucket Cloud; no credentials needed.
+    Demo {
+        /// Where the service listens.
+        #[arg(long, default_value = "127.0.0.1:5557")]
+        addr: std::net::SocketAddr,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::CheckConfig { config } => return bitbucket_connector::cli::check_config(&config),
+        Command::Serve { config } => bitbucket_connector::cli::serve(&config),
+        Command::Demo { addr } => bitbucket_connector::cli::demo(addr),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bitbucket-connector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

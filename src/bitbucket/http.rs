@@ -1,0 +1,342 @@
+//! One HTTP exchange with Bitbucket: deadline, per-attempt timeout, retries
+//! with jittered exponential backoff (idempotent GETs only), a body size cap,
+//! and metrics by endpoint template.
+
+use std::time::Duration;
+
+use bytes::{Bytes, BytesMut};
+use rand::Rng as _;
+use reqwest::header::{HeaderMap, AUTHORIZATION, RETRY_AFTER};
+use reqwest::{Method, StatusCode};
+use tokio::time::Instant;
+use url::Url;
+
+use super::UpstreamError;
+use crate::metrics::{Metrics, UpstreamStatus};
+use crate::secret::Secret;
+
+/// How a request authenticates. Tokens travel only in the Authorization header.
+#[derive(Clone, Copy)]
+pub enum Auth<'a> {
+    Bearer(&'a Secret),
+    Basic {
+        username: &'a str,
+        password: &'a Secret,
+    },
+}
+
+#[derive(Clone, Debug)]
+pub struct HttpOptions {
+    /// Timeout of one attempt.
+    pub attempt_timeout: Duration,
+    /// Attempts of an idempotent GET, the first included.
+    pub max_attempts: u32,
+    /// First backoff; doubled each retry, with jitter.
+    pub backoff: Duration,
+    /// Largest response body read.
+    pub max_body_bytes: usize,
+    /// Longest Retry-After honoured; a longer one fails at once.
+    pub max_retry_after: Duration,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        HttpOptions {
+            attempt_timeout: Duration::from_secs(10),
+            max_attempts: 3,
+            backoff: Duration::from_millis(100),
+            max_body_bytes: 4 * 1024 * 1024,
+            max_retry_after: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A response that arrived, body read in full (within the cap).
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub struct Http {
+    client: reqwest::Client,
+    metrics: Metrics,
+    opts: HttpOptions,
+}
+
+enum Attempt {
+    Done(Response),
+    /// Worth another try, after the given delay if the server said so.
+    Retry(UpstreamError, Option<Duration>),
+    Fail(UpstreamError),
+}
+
+impl Http {
+    pub fn new(metrics: Metrics, opts: HttpOptions) -> Result<Http, String> {
+        let client = reqwest::Client::builder()
+            .user_agent(concat!("bitbucket-connector/", env!("CARGO_PKG_VERSION")))
+            // Redirects could carry the Authorization header elsewhere.
+            .redirect(reqwest::redirect::Policy::none())
+            .connect_timeout(opts.attempt_timeout)
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        Ok(Http {
+            client,
+            metrics,
+            opts,
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// A GET, retried on 429, 502, 503, 504, timeouts and connection errors,
+    /// never past `deadline`. Returns any response that is not retryable.
+    pub async fn get(
+        &self,
+        endpoint: &'static str,
+        url: &Url,
+        auth: Auth<'_>,
+        deadline: Instant,
+    ) -> Result<Response, UpstreamError> {
+        let mut attempt = 1;
+        loop {
+            let req = self.request(Method::GET, url, auth);
+            let (err, retry_after) = match self.attempt(endpoint, req, deadline).await {
+                Attempt::Done(r) => return Ok(r),
+                Attempt::Fail(e) => return Err(e),
+                Attempt::Retry(e, ra) => (e, ra),
+            };
+            if attempt >= self.opts.max_attempts {
+                return Err(err);
+            }
+            let wait = match retry_after {
+                Some(ra) if ra > self.opts.max_retry_after => return Err(err),
+                Some(ra) => ra,
+                None => self.backoff(attempt),
+            };
+            if Instant::now() + wait >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(wait).await;
+            self.metrics.retry(endpoint);
+            attempt += 1;
+        }
+    }
+
+    /// A request sent once: the token endpoint must not see a code twice.
+    /// Only a connection that could not be made is tried again.
+    pub async fn send_once(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+        deadline: Instant,
+    ) -> Result<Response, UpstreamError> {
+        let Some(retry) = req.try_clone() else {
+            return self.attempt_result(endpoint, req, deadline).await;
+        };
+        match self.attempt(endpoint, req, deadline).await {
+            Attempt::Done(r) => Ok(r),
+            Attempt::Fail(e) => Err(e),
+            Attempt::Retry(e @ UpstreamError::Connect { .. }, _) => {
+                let wait = self.backoff(1);
+                if Instant::now() + wait >= deadline {
+                    return Err(e);
+                }
+                tokio::time::sleep(wait).await;
+                self.metrics.retry(endpoint);
+                self.attempt_result(endpoint, retry, deadline).await
+            }
+            Attempt::Retry(UpstreamError::Status { status, .. }, _) => {
+                // Answered: not retried, but still an outage to the caller.
+                Err(UpstreamError::Unavailable {
+                    endpoint,
+                    detail: format!("HTTP {status}"),
+                })
+            }
+            Attempt::Retry(e, _) => Err(e),
+        }
+    }
+
+    async fn attempt_result(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+        deadline: Instant,
+    ) -> Result<Response, UpstreamError> {
+        match self.attempt(endpoint, req, deadline).await {
+            Attempt::Done(r) => Ok(r),
+            Attempt::Fail(e) | Attempt::Retry(e, _) => Err(e),
+        }
+    }
+
+    pub fn request(&self, method: Method, url: &Url, auth: Auth<'_>) -> reqwest::RequestBuilder {
+        let req = self.client.request(method, url.clone());
+        match auth {
+            Auth::Bearer(token) => req.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
+            Auth::Basic { username, password } => req.basic_auth(username, Some(password.expose())),
+        }
+    }
+
+    pub fn post(&self, url: &Url) -> reqwest::RequestBuilder {
+        self.client.post(url.clone())
+    }
+
+    fn backoff(&self, attempt: u32) -> Duration {
+        let base = self.opts.backoff.saturating_mul(1 << (attempt - 1).min(10));
+        base.mul_f64(rand::rng().random_range(0.5..1.0))
+    }
+
+    async fn attempt(
+        &self,
+        endpoint: &'static str,
+        req: reqwest::RequestBuilder,
+        deadline: Instant,
+    ) -> Attempt {
+        let now = Instant::now();
+        if now >= deadline {
+            return Attempt::Fail(UpstreamError::DeadlineExceeded { endpoint });
+        }
+        let budget = self.opts.attempt_timeout.min(deadline - now);
+        let started = std::time::Instant::now();
+        let outcome = tokio::time::timeout(budget, self.exchange(req)).await;
+        let secs = started.elapsed().as_secs_f64();
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(_) => {
+                self.metrics.upstream(endpoint, UpstreamStatus::Error, secs);
+                if Instant::now() >= deadline {
+                    return Attempt::Fail(UpstreamError::DeadlineExceeded { endpoint });
+                }
+                return Attempt::Retry(
+                    UpstreamError::Timeout {
+                        endpoint,
+                        after: budget,
+                    },
+                    None,
+                );
+            }
+        };
+        match outcome {
+            Err(ExchangeError::Transport(e)) => {
+                self.metrics.upstream(endpoint, UpstreamStatus::Error, secs);
+                let detail = describe_transport(&e);
+                tracing::debug!(endpoint, error = %detail, "upstream request failed");
+                let err = if e.is_connect() {
+                    UpstreamError::Connect { endpoint, detail }
+                } else {
+                    UpstreamError::Transport { endpoint, detail }
+                };
+                Attempt::Retry(err, None)
+            }
+            Err(ExchangeError::TooLarge(status)) => {
+                self.metrics
+                    .upstream(endpoint, UpstreamStatus::Http(status.as_u16()), secs);
+                Attempt::Fail(UpstreamError::Invalid {
+                    endpoint,
+                    detail: format!("response body larger than {} bytes", self.opts.max_body_bytes),
+                })
+            }
+            Ok(resp) => {
+                let status = resp.status;
+                self.metrics
+                    .upstream(endpoint, UpstreamStatus::Http(status.as_u16()), secs);
+                match status.as_u16() {
+                    429 | 502 | 503 | 504 => {
+                        let ra = retry_after(&resp.headers);
+                        Attempt::Retry(
+                            UpstreamError::Status {
+                                endpoint,
+                                status: status.as_u16(),
+                            },
+                            ra,
+                        )
+                    }
+                    _ => Attempt::Done(resp),
+                }
+            }
+        }
+    }
+
+    async fn exchange(&self, req: reqwest::RequestBuilder) -> Result<Response, ExchangeError> {
+        let mut resp = req.send().await.map_err(ExchangeError::Transport)?;
+        let status = resp.status();
+        let max = self.opts.max_body_bytes;
+        if resp.content_length().is_some_and(|n| n > max as u64) {
+            return Err(ExchangeError::TooLarge(status));
+        }
+        let headers = std::mem::take(resp.headers_mut());
+        let mut body = BytesMut::new();
+        while let Some(chunk) = resp.chunk().await.map_err(ExchangeError::Transport)? {
+            if body.len() + chunk.len() > max {
+                return Err(ExchangeError::TooLarge(status));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(Response {
+            status,
+            headers,
+            body: body.freeze(),
+        })
+    }
+}
+
+enum ExchangeError {
+    Transport(reqwest::Error),
+    TooLarge(StatusCode),
+}
+
+/// A transport error without the URL (which could carry identifiers).
+fn describe_transport(e: &reqwest::Error) -> String {
+    let kind = if e.is_connect() {
+        "connection failed"
+    } else if e.is_timeout() {
+        "timed out"
+    } else if e.is_body() || e.is_decode() {
+        "connection broken while reading the response"
+    } else {
+        "request failed"
+    };
+    let mut source = std::error::Error::source(e);
+    let mut root = None;
+    while let Some(s) = source {
+        root = Some(s.to_string());
+        source = s.source();
+    }
+    match root {
+        Some(r) => format!("{kind}: {r}"),
+        None => kind.to_string(),
+    }
+}
+
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let v = headers.get(RETRY_AFTER)?.to_str().ok()?.trim();
+    v.parse::<u64>().ok().map(Duration::from_secs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retry_after_seconds_only() {
+        let mut h = HeaderMap::new();
+        h.insert(RETRY_AFTER, "3".parse().unwrap());
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn backoff_grows_and_is_jittered() {
+        let http = Http::new(Metrics::new(), HttpOptions::default()).unwrap();
+        for _ in 0..50 {
+            let b1 = http.backoff(1);
+            let b2 = http.backoff(2);
+            assert!(b1 >= Duration::from_millis(50) && b1 < Duration::from_millis(100));
+            assert!(b2 >= Duration::from_millis(100) && b2 < Duration::from_millis(200));
+        }
+    }
+}

@@ -1,0 +1,341 @@
+//! The only code that speaks HTTP to Bitbucket Cloud.
+//!
+//! Base URLs are injected (config), never hard-coded here. Pagination follows
+//! `next` only on the API base's scheme, host and port, up to [`MAX_PAGES`].
+
+mod http;
+mod token;
+pub mod types;
+
+use std::time::Duration;
+
+use oauth2::{AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, RefreshToken, TokenResponse as _, TokenUrl};
+use serde::de::DeserializeOwned;
+use tokio::time::Instant;
+use url::Url;
+
+pub use self::http::{Auth, HttpOptions};
+use self::http::{Http, Response};
+use self::token::{classify, OAuthClient, TokenHttp};
+use self::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess, ApiWorkspacePermission, Page};
+use crate::metrics::Metrics;
+use crate::secret::Secret;
+
+/// Pages read from one collection at the most (100 entries each).
+pub const MAX_PAGES: usize = 50;
+const PAGELEN: &str = "100";
+
+pub const EP_USER: &str = "/2.0/user";
+pub const EP_EMAILS: &str = "/2.0/user/emails";
+pub const EP_WORKSPACES: &str = "/2.0/user/workspaces";
+pub const EP_PERMISSION: &str = "/2.0/user/workspaces/{workspace}/permission";
+pub const EP_GROUPS: &str = "/1.0/groups/{workspace}";
+
+/// Why a request to Bitbucket did not give a usable answer. Messages name the
+/// endpoint template, never a URL, a token or a body.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{endpoint}: {detail}")]
+    Connect { endpoint: &'static str, detail: String },
+    #[error("{endpoint}: {detail}")]
+    Transport { endpoint: &'static str, detail: String },
+    #[error("{endpoint}: no answer within {after:?}")]
+    Timeout { endpoint: &'static str, after: Duration },
+    #[error("{endpoint}: HTTP {status}")]
+    Status { endpoint: &'static str, status: u16 },
+    #[error("{endpoint}: {detail}")]
+    Unavailable { endpoint: &'static str, detail: String },
+    #[error("{endpoint}: the caller's deadline passed")]
+    DeadlineExceeded { endpoint: &'static str },
+    #[error("{endpoint}: {detail}")]
+    Invalid { endpoint: &'static str, detail: String },
+    #[error("{endpoint}: HTTP 401 (token not accepted)")]
+    Unauthorized { endpoint: &'static str },
+    /// 403, 404 or 410.
+    #[error("{endpoint}: HTTP {status}")]
+    Denied { endpoint: &'static str, status: u16 },
+    /// The token endpoint's OAuth error (`invalid_grant`, `invalid_client`, …).
+    #[error("token endpoint: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    Rejected {
+        error: String,
+        description: Option<String>,
+    },
+}
+
+/// Tokens from the token endpoint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub expires_in: Option<Duration>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("access_token", &self.access_token)
+            .field("refresh_token", &self.refresh_token)
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+/// Where one connector's Bitbucket lives, and its OAuth consumer.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    pub auth_url: Url,
+    pub token_url: Url,
+    pub api_url: Url,
+    pub legacy_api_url: Url,
+}
+
+/// A Bitbucket client for one OAuth consumer.
+pub struct Client {
+    http: Http,
+    oauth: OAuthClient,
+    api: Url,
+    legacy: Url,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("bitbucket::Client")
+            .field("api", &self.api.as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    pub fn new(
+        endpoints: &Endpoints,
+        client_id: &str,
+        client_secret: &Secret,
+        metrics: Metrics,
+        opts: HttpOptions,
+    ) -> Result<Client, String> {
+        let oauth = oauth2::Client::new(ClientId::new(client_id.to_string()))
+            .set_client_secret(ClientSecret::new(client_secret.expose().to_string()))
+            .set_auth_uri(AuthUrl::from_url(endpoints.auth_url.clone()))
+            .set_token_uri(TokenUrl::from_url(endpoints.token_url.clone()))
+            .set_auth_type(oauth2::AuthType::BasicAuth);
+        Ok(Client {
+            http: Http::new(metrics, opts)?,
+            oauth,
+            api: endpoints.api_url.clone(),
+            legacy: endpoints.legacy_api_url.clone(),
+        })
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        self.http.metrics()
+    }
+
+    /// The authorize URL: `client_id`, `response_type=code` and `state`.
+    pub fn authorize_url(&self, state: &str) -> Url {
+        let state = state.to_string();
+        let (url, _) = self.oauth.authorize_url(move || CsrfToken::new(state)).url();
+        url
+    }
+
+    /// Redeems an authorization code (never retried once Bitbucket answered).
+    pub async fn exchange_code(&self, code: &str, deadline: Instant) -> Result<Grant, UpstreamError> {
+        let http = TokenHttp {
+            http: &self.http,
+            deadline,
+        };
+        let resp = self
+            .oauth
+            .exchange_code(AuthorizationCode::new(code.to_string()))
+            .request_async(&http)
+            .await
+            .map_err(classify)?;
+        Ok(grant(&resp))
+    }
+
+    /// Redeems a refresh token; Bitbucket answers with a new one.
+    pub async fn refresh(&self, refresh_token: &Secret, deadline: Instant) -> Result<Grant, UpstreamError> {
+        let http = TokenHttp {
+            http: &self.http,
+            deadline,
+        };
+        let rt = RefreshToken::new(refresh_token.expose().to_string());
+        let resp = self
+            .oauth
+            .exchange_refresh_token(&rt)
+            .request_async(&http)
+            .await
+            .map_err(classify)?;
+        Ok(grant(&resp))
+    }
+
+    pub async fn user(&self, token: &Secret, deadline: Instant) -> Result<ApiUser, UpstreamError> {
+        let url = join(&self.api, &["user"]);
+        let resp = self.http.get(EP_USER, &url, Auth::Bearer(token), deadline).await?;
+        let user: ApiUser = decode(EP_USER, &ok(EP_USER, resp)?)?;
+        if user.uuid.trim().is_empty() {
+            return Err(UpstreamError::Invalid {
+                endpoint: EP_USER,
+                detail: "the user has an empty uuid".into(),
+            });
+        }
+        Ok(user)
+    }
+
+    pub async fn emails(&self, token: &Secret, deadline: Instant) -> Result<Vec<ApiEmail>, UpstreamError> {
+        let url = join(&self.api, &["user", "emails"]);
+        self.paginate(EP_EMAILS, url, Auth::Bearer(token), deadline).await
+    }
+
+    pub async fn workspaces(
+        &self,
+        token: &Secret,
+        deadline: Instant,
+    ) -> Result<Vec<ApiWorkspaceAccess>, UpstreamError> {
+        let url = join(&self.api, &["user", "workspaces"]);
+        self.paginate(EP_WORKSPACES, url, Auth::Bearer(token), deadline).await
+    }
+
+    pub async fn permission(&self, token: &Secret, slug: &str, deadline: Instant) -> Result<String, UpstreamError> {
+        let url = join(&self.api, &["user", "workspaces", slug, "permission"]);
+        let resp = self
+            .http
+            .get(EP_PERMISSION, &url, Auth::Bearer(token), deadline)
+            .await?;
+        let p: ApiWorkspacePermission = decode(EP_PERMISSION, &ok(EP_PERMISSION, resp)?)?;
+        Ok(p.permission)
+    }
+
+    /// API 1.0 workspace groups; readable by workspace admins only.
+    pub async fn groups(&self, auth: Auth<'_>, slug: &str, deadline: Instant) -> Result<Vec<ApiGroup>, UpstreamError> {
+        let url = join(&self.legacy, &["groups", slug]);
+        let resp = self.http.get(EP_GROUPS, &url, auth, deadline).await?;
+        decode(EP_GROUPS, &ok(EP_GROUPS, resp)?)
+    }
+
+    async fn paginate<T: DeserializeOwned>(
+        &self,
+        endpoint: &'static str,
+        mut url: Url,
+        auth: Auth<'_>,
+        deadline: Instant,
+    ) -> Result<Vec<T>, UpstreamError> {
+        url.query_pairs_mut().append_pair("pagelen", PAGELEN);
+        let mut out = Vec::new();
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..MAX_PAGES {
+            seen.insert(url.to_string());
+            let resp = self.http.get(endpoint, &url, auth, deadline).await?;
+            let page: Page<T> = decode(endpoint, &ok(endpoint, resp)?)?;
+            out.extend(page.values);
+            let Some(next) = page.next.filter(|n| !n.is_empty()) else {
+                return Ok(out);
+            };
+            let next = Url::parse(&next).map_err(|_| UpstreamError::Invalid {
+                endpoint,
+                detail: "the next page link is not an absolute URL".into(),
+            })?;
+            if !same_origin(&next, &self.api) {
+                return Err(UpstreamError::Invalid {
+                    endpoint,
+                    detail: format!(
+                        "the next page link points to another host ({}), not followed",
+                        origin(&next)
+                    ),
+                });
+            }
+            if seen.contains(next.as_str()) {
+                return Err(UpstreamError::Invalid {
+                    endpoint,
+                    detail: "the next page link repeats a page already read".into(),
+                });
+            }
+            url = next;
+        }
+        Err(UpstreamError::Invalid {
+            endpoint,
+            detail: format!("more than {MAX_PAGES} pages"),
+        })
+    }
+}
+
+fn grant(resp: &token::BitbucketTokenResponse) -> Grant {
+    Grant {
+        access_token: Secret::new(resp.access_token().secret().clone()),
+        refresh_token: resp.refresh_token().map(|r| Secret::new(r.secret().clone())),
+        expires_in: resp.expires_in(),
+    }
+}
+
+/// `base` + path segments, each percent-encoded (a slug cannot add segments).
+fn join(base: &Url, segments: &[&str]) -> Url {
+    let mut url = base.clone();
+    if let Ok(mut path) = url.path_segments_mut() {
+        path.pop_if_empty();
+        for s in segments {
+            path.push(s);
+        }
+    }
+    url
+}
+
+fn same_origin(a: &Url, b: &Url) -> bool {
+    a.scheme() == b.scheme() && a.host() == b.host() && a.port_or_known_default() == b.port_or_known_default()
+}
+
+fn origin(u: &Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{}://{h}:{p}", u.scheme()),
+        (Some(h), None) => format!("{}://{h}", u.scheme()),
+        _ => u.scheme().to_string(),
+    }
+}
+
+/// A 2xx response, or the error its status means.
+fn ok(endpoint: &'static str, resp: Response) -> Result<Response, UpstreamError> {
+    match resp.status.as_u16() {
+        200..=299 => Ok(resp),
+        401 => Err(UpstreamError::Unauthorized { endpoint }),
+        s @ (403 | 404 | 410) => Err(UpstreamError::Denied { endpoint, status: s }),
+        s @ 500..=599 => Err(UpstreamError::Unavailable {
+            endpoint,
+            detail: format!("HTTP {s}"),
+        }),
+        s => Err(UpstreamError::Invalid {
+            endpoint,
+            detail: format!("unexpected HTTP {s}"),
+        }),
+    }
+}
+
+fn decode<T: DeserializeOwned>(endpoint: &'static str, resp: &Response) -> Result<T, UpstreamError> {
+    serde_json::from_slice(&resp.body).map_err(|e| UpstreamError::Invalid {
+        endpoint,
+        // serde_json's message names a position and what it expected, not the data.
+        detail: format!("unparseable JSON ({e})"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn join_encodes_segments() {
+        let base = Url::parse("https://api.example/2.0").unwrap();
+        assert_eq!(
+            join(&base, &["user", "workspaces", "a/../b", "permission"]).as_str(),
+            "https://api.example/2.0/user/workspaces/a%2F..%2Fb/permission"
+        );
+        let base = Url::parse("https://api.example/2.0/").unwrap();
+        assert_eq!(join(&base, &["user"]).as_str(), "https://api.example/2.0/user");
+    }
+
+    #[test]
+    fn origins() {
+        let a = Url::parse("https://api.bitbucket.org/2.0").unwrap();
+        assert!(same_origin(&Url::parse("https://api.bitbucket.org:443/2.0/x?page=2").unwrap(), &a));
+        assert!(!same_origin(&Url::parse("http://api.bitbucket.org/2.0").unwrap(), &a));
+        assert!(!same_origin(&Url::parse("https://evil.example/2.0").unwrap(), &a));
+        assert!(!same_origin(&Url::parse("https://api.bitbucket.org:8443/2.0").unwrap(), &a));
+    }
+}

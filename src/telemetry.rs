@@ -1,0 +1,81 @@
+//! Logs (tracing, text or JSON) and the telemetry HTTP endpoint:
+//! `/metrics`, `/healthz`, `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+
+use crate::config::{LogFormat, LoggerConfig};
+use crate::metrics::Metrics;
+
+/// Installs the global subscriber. `RUST_LOG`, when set, overrides the level
+/// per module (for debugging); the config's level is the default.
+pub fn init_logging(cfg: &LoggerConfig) {
+    use tracing_subscriber::EnvFilter;
+    let default = format!(
+        "{},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,reqwest=warn",
+        cfg.level.as_str().to_ascii_lowercase()
+    );
+    let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    let _ = match cfg.format {
+        LogFormat::Json => builder
+            .json()
+            .flatten_event(true)
+            .with_current_span(false)
+            .try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+}
+
+/// Serves the telemetry endpoint; the task ends when aborted.
+pub async fn serve_http(
+    addr: SocketAddr,
+    metrics: Metrics,
+    serving: Arc<AtomicBool>,
+) -> Result<tokio::task::JoinHandle<()>, String> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("telemetry.http: cannot listen on {addr}: {e}"))?;
+    let app = Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+                        m.encode(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let ready = serving.load(Ordering::SeqCst);
+                async move {
+                    if ready {
+                        (StatusCode::OK, "ready\n").into_response()
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "not serving\n").into_response()
+                    }
+                }
+            }),
+        );
+    tracing::info!(%addr, "serving telemetry (/metrics, /healthz, /readyz)");
+    Ok(tokio::spawn(async move {
+        if let Err(e) = axum::serve(listener, app).await {
+            tracing::error!(error = %e, "telemetry endpoint failed");
+        }
+    }))
+}
