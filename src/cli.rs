@@ -39,10 +39,7 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
         .map_err(|e| format!("cannot start the runtime: {e}"))
 }
 
-/// Installs ring as the process's TLS provider (reqwest and tonic share it).
-pub fn install_crypto() {
-    let _ = rustls::crypto::ring::default_provider().install_default();
-}
+use crate::bitbucket::install_crypto;
 
 /// `serve`: load, bind, serve until SIGTERM/SIGINT.
 pub fn serve(path: &Path) -> Result<(), String> {
@@ -95,7 +92,12 @@ pub async fn shutdown_signal() {
 }
 
 /// The config `demo` serves: the fake's endpoints, both group options on.
-pub fn demo_config(fake: &FakeBitbucket, fixture: &Fixture, addr: SocketAddr, data_key: &str) -> Result<Config, String> {
+pub fn demo_config(
+    fake: &FakeBitbucket,
+    fixture: &Fixture,
+    addr: SocketAddr,
+    data_key: &str,
+) -> Result<Config, String> {
     let (Some(client), Some(admin)) = (fixture.clients.first(), fixture.admins.first()) else {
         return Err("the demo fixture has no OAuth client or admin credential".into());
     };

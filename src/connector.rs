@@ -25,8 +25,6 @@ pub const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 pub const WORKSPACE_CONCURRENCY: usize = 16;
 /// Longest `raw_query` accepted.
 pub const MAX_RAW_QUERY: usize = 8 * 1024;
-/// How long a refresh token's redemption is shared with late callers.
-const REDEMPTION_SHARED_FOR: Duration = Duration::from_secs(60);
 
 /// What the host's client asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -55,7 +53,10 @@ impl std::fmt::Debug for Identity {
             .field("username", &self.username)
             .field("email", &self.email)
             .field("groups", &self.groups)
-            .field("connector_data", &self.connector_data.as_ref().map(|d| d.len()))
+            .field(
+                "connector_data",
+                &self.connector_data.as_ref().map(|d| d.len()),
+            )
             .finish()
     }
 }
@@ -68,8 +69,13 @@ pub enum Error {
     UnknownConnector(String),
     #[error("connector_id is required: {0} connectors are configured")]
     AmbiguousConnector(usize),
-    #[error("expected callback URL {received:?} did not match the URL in the config {configured:?}")]
-    CallbackUrlMismatch { received: String, configured: String },
+    #[error(
+        "expected callback URL {received:?} did not match the URL in the config {configured:?}"
+    )]
+    CallbackUrlMismatch {
+        received: String,
+        configured: String,
+    },
     #[error("{0}")]
     MalformedCallback(String),
     /// The user (or Bitbucket) refused at the authorize page: `error=…`.
@@ -119,7 +125,9 @@ impl From<UpstreamError> for Error {
             UpstreamError::Invalid { .. } => Error::UpstreamInvalid(msg),
             UpstreamError::Unauthorized { .. } => Error::Unauthenticated(msg),
             UpstreamError::Denied { .. } => Error::UpstreamForbidden(msg),
-            UpstreamError::Rejected { ref error, .. } if error == "invalid_client" || error == "unauthorized_client" => {
+            UpstreamError::Rejected { ref error, .. }
+                if error == "invalid_client" || error == "unauthorized_client" =>
+            {
                 Error::ClientRejected(msg)
             }
             UpstreamError::Rejected { .. } => Error::CodeRejected(msg),
@@ -140,7 +148,9 @@ pub struct Connector {
 
 impl std::fmt::Debug for Connector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Connector").field("id", &self.cfg.id).finish_non_exhaustive()
+        f.debug_struct("Connector")
+            .field("id", &self.cfg.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -161,7 +171,13 @@ impl Connector {
             attempt_timeout: cfg.upstream_timeout,
             ..http
         };
-        let client = bitbucket::Client::new(&endpoints, &cfg.client_id, &cfg.client_secret, metrics.clone(), http)?;
+        let client = bitbucket::Client::new(
+            &endpoints,
+            &cfg.client_id,
+            &cfg.client_secret,
+            metrics.clone(),
+            http,
+        )?;
         Ok(Connector {
             groups_cache: GroupsCache::new(cfg.team_groups_cache_ttl),
             cfg,
@@ -193,10 +209,17 @@ impl Connector {
     }
 
     /// dex's `HandleCallback`.
-    pub async fn handle_callback(&self, scopes: Scopes, raw_query: &str, deadline: Instant) -> Result<Identity, Error> {
+    pub async fn handle_callback(
+        &self,
+        scopes: Scopes,
+        raw_query: &str,
+        deadline: Instant,
+    ) -> Result<Identity, Error> {
         let code = parse_callback(raw_query)?;
         let grant = self.client.exchange_code(&code, deadline).await?;
-        let user = self.fetch_identity(&grant.access_token, scopes, deadline).await?;
+        let user = self
+            .fetch_identity(&grant.access_token, scopes, deadline)
+            .await?;
         let mut identity = user.identity;
         if scopes.offline_access {
             let tokens = tokens_from_grant(&grant, None, &identity.user_id);
@@ -206,7 +229,12 @@ impl Connector {
     }
 
     /// dex's `Refresh`: reuse or redeem the tokens, read the user again.
-    pub async fn refresh(&self, scopes: Scopes, previous: &Identity, deadline: Instant) -> Result<Identity, Error> {
+    pub async fn refresh(
+        &self,
+        scopes: Scopes,
+        previous: &Identity,
+        deadline: Instant,
+    ) -> Result<Identity, Error> {
         let data = previous
             .connector_data
             .as_deref()
@@ -228,12 +256,16 @@ impl Connector {
             current = self.redeem(&tokens, deadline).await?;
             redeemed = true;
         }
-        let fetched = match self.fetch_identity(&current.access_token, scopes, deadline).await {
+        let fetched = match self
+            .fetch_identity(&current.access_token, scopes, deadline)
+            .await
+        {
             // A reused access token may die before its expiry (revoked,
             // rotated elsewhere): the refresh token decides.
             Err(Error::Unauthenticated(_)) if !redeemed => {
                 current = self.redeem(&tokens, deadline).await?;
-                self.fetch_identity(&current.access_token, scopes, deadline).await
+                self.fetch_identity(&current.access_token, scopes, deadline)
+                    .await
             }
             Err(Error::Unauthenticated(m)) => Err(Error::TokenRevoked(m)),
             other => other,
@@ -294,28 +326,48 @@ impl Connector {
             })
             .await
             .clone();
-        if result.is_err() {
-            self.redemptions.forget(&rt, &cell);
-        }
+        self.redemptions.forget(&rt, &cell);
         let grant = result?;
-        Ok(tokens_from_grant(&grant, Some(&rt), tokens.user_uuid.as_deref().unwrap_or_default()))
+        Ok(tokens_from_grant(
+            &grant,
+            Some(&rt),
+            tokens.user_uuid.as_deref().unwrap_or_default(),
+        ))
     }
 
-    async fn fetch_identity(&self, token: &Secret, scopes: Scopes, deadline: Instant) -> Result<Fetched, Error> {
+    async fn fetch_identity(
+        &self,
+        token: &Secret,
+        scopes: Scopes,
+        deadline: Instant,
+    ) -> Result<Fetched, Error> {
         let groups_needed = scopes.groups || !self.cfg.teams.is_empty();
         let (user, emails, workspaces) = tokio::try_join!(
             async { self.client.user(token, deadline).await.map_err(Error::from) },
-            async { self.client.emails(token, deadline).await.map_err(Error::from) },
+            async {
+                self.client
+                    .emails(token, deadline)
+                    .await
+                    .map_err(Error::from)
+            },
             async {
                 if groups_needed {
-                    self.client.workspaces(token, deadline).await.map(Some).map_err(Error::from)
+                    self.client
+                        .workspaces(token, deadline)
+                        .await
+                        .map(Some)
+                        .map_err(Error::from)
                 } else {
                     Ok(None)
                 }
             },
         )?;
         let email = primary_email(&emails).ok_or(Error::NoVerifiedEmail)?;
-        let username = user.username.clone().or_else(|| user.nickname.clone()).unwrap_or_default();
+        let username = user
+            .username
+            .clone()
+            .or_else(|| user.nickname.clone())
+            .unwrap_or_default();
         let groups = match workspaces {
             Some(ws) => self.groups(token, &user, &username, ws, deadline).await?,
             None => Vec::new(),
@@ -343,7 +395,9 @@ impl Connector {
     ) -> Result<Vec<String>, Error> {
         let kept: Vec<ApiWorkspaceAccess> = workspaces
             .into_iter()
-            .filter(|w| self.cfg.teams.is_empty() || self.cfg.teams.iter().any(|t| team_matches(t, w)))
+            .filter(|w| {
+                self.cfg.teams.is_empty() || self.cfg.teams.iter().any(|t| team_matches(t, w))
+            })
             .collect();
         if !self.cfg.teams.is_empty() && kept.is_empty() {
             return Err(Error::NotInRequiredTeams {
@@ -358,20 +412,21 @@ impl Connector {
                 )));
             }
         }
-        let details: Vec<WorkspaceDetails> = if self.cfg.include_team_groups || self.cfg.get_workspace_permissions {
-            let lookups: Vec<_> = kept
-                .iter()
-                .map(|w| self.workspace_details(token, w, deadline))
-                .collect();
-            stream::iter(lookups)
-                .buffered(WORKSPACE_CONCURRENCY)
-                .collect::<Vec<_>>()
-                .await
-                .into_iter()
-                .collect::<Result<_, _>>()?
-        } else {
-            Vec::new()
-        };
+        let details: Vec<WorkspaceDetails> =
+            if self.cfg.include_team_groups || self.cfg.get_workspace_permissions {
+                let lookups: Vec<_> = kept
+                    .iter()
+                    .map(|w| self.workspace_details(token, w, deadline))
+                    .collect();
+                stream::iter(lookups)
+                    .buffered(WORKSPACE_CONCURRENCY)
+                    .collect::<Vec<_>>()
+                    .await
+                    .into_iter()
+                    .collect::<Result<_, _>>()?
+            } else {
+                Vec::new()
+            };
         Ok(compose_groups(&kept, &details, &user.uuid))
     }
 
@@ -389,7 +444,11 @@ impl Connector {
             match self.client.permission(token, slug, deadline).await {
                 Ok(p) => Ok(Some(p)),
                 Err(UpstreamError::Denied { status, .. }) => {
-                    tracing::debug!(workspace = slug, status, "workspace permission not readable");
+                    tracing::debug!(
+                        workspace = slug,
+                        status,
+                        "workspace permission not readable"
+                    );
                     Ok(None)
                 }
                 Err(e) => Err(Error::from(e)),
@@ -426,13 +485,20 @@ impl Connector {
                 };
                 self.client.groups(basic, slug, deadline).await
             }
-            None => self.client.groups(Auth::Bearer(token), slug, deadline).await,
+            None => {
+                self.client
+                    .groups(Auth::Bearer(token), slug, deadline)
+                    .await
+            }
         };
         if self.cfg.team_groups_auth.is_some()
             && access.administrator
             && matches!(result, Err(UpstreamError::Denied { status: 403, .. }))
         {
-            result = self.client.groups(Auth::Bearer(token), slug, deadline).await;
+            result = self
+                .client
+                .groups(Auth::Bearer(token), slug, deadline)
+                .await;
         }
         match result {
             Ok(g) => {
@@ -448,7 +514,10 @@ impl Connector {
                 };
                 self.metrics.degraded(reason);
                 let first = {
-                    let mut warned = self.warned_workspaces.lock().unwrap_or_else(|e| e.into_inner());
+                    let mut warned = self
+                        .warned_workspaces
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner());
                     if warned.len() > 10_000 {
                         warned.clear();
                     }
@@ -480,7 +549,11 @@ struct WorkspaceDetails {
 
 /// Workspace slugs in upstream order, then `ws/group` for groups that list
 /// the user, then `ws:permission`; no duplicates.
-fn compose_groups(kept: &[ApiWorkspaceAccess], details: &[WorkspaceDetails], user_uuid: &str) -> Vec<String> {
+fn compose_groups(
+    kept: &[ApiWorkspaceAccess],
+    details: &[WorkspaceDetails],
+    user_uuid: &str,
+) -> Vec<String> {
     let mut out = Vec::new();
     let mut seen = HashSet::new();
     let mut push = |g: String| {
@@ -493,7 +566,10 @@ fn compose_groups(kept: &[ApiWorkspaceAccess], details: &[WorkspaceDetails], use
     }
     for (w, d) in kept.iter().zip(details) {
         for g in d.groups.iter().flat_map(|g| g.iter()) {
-            if g.members.iter().any(|m| m.uuid.as_deref().is_some_and(|u| same_uuid(u, user_uuid))) {
+            if g.members
+                .iter()
+                .any(|m| m.uuid.as_deref().is_some_and(|u| same_uuid(u, user_uuid)))
+            {
                 push(format!("{}/{}", w.workspace.slug, g.slug));
             }
         }
@@ -510,13 +586,22 @@ fn compose_groups(kept: &[ApiWorkspaceAccess], details: &[WorkspaceDetails], use
 fn team_matches(team: &str, w: &ApiWorkspaceAccess) -> bool {
     let team = team.trim();
     if team.starts_with('{') {
-        return w.workspace.uuid.as_deref().is_some_and(|u| same_uuid(u, team));
+        return w
+            .workspace
+            .uuid
+            .as_deref()
+            .is_some_and(|u| same_uuid(u, team));
     }
     team.eq_ignore_ascii_case(&w.workspace.slug)
 }
 
 fn same_uuid(a: &str, b: &str) -> bool {
-    let strip = |s: &str| s.trim().trim_start_matches('{').trim_end_matches('}').to_ascii_lowercase();
+    let strip = |s: &str| {
+        s.trim()
+            .trim_start_matches('{')
+            .trim_end_matches('}')
+            .to_ascii_lowercase()
+    };
     strip(a) == strip(b)
 }
 
@@ -525,7 +610,8 @@ fn valid_slug(s: &str) -> bool {
         && s != "."
         && s != ".."
         && s.len() <= 128
-        && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
 }
 
 fn primary_email(emails: &[ApiEmail]) -> Option<String> {
@@ -539,7 +625,9 @@ fn primary_email(emails: &[ApiEmail]) -> Option<String> {
 fn usable(expiry: Option<SystemTime>, now: SystemTime) -> bool {
     match expiry {
         None => true,
-        Some(t) => t.duration_since(now).is_ok_and(|left| left > REFRESH_MARGIN),
+        Some(t) => t
+            .duration_since(now)
+            .is_ok_and(|left| left > REFRESH_MARGIN),
     }
 }
 
@@ -547,7 +635,10 @@ fn tokens_from_grant(grant: &Grant, previous_refresh: Option<&Secret>, uuid: &st
     Tokens {
         access_token: grant.access_token.clone(),
         // Bitbucket always rotates; keep the old one if it ever does not.
-        refresh_token: grant.refresh_token.clone().or_else(|| previous_refresh.cloned()),
+        refresh_token: grant
+            .refresh_token
+            .clone()
+            .or_else(|| previous_refresh.cloned()),
         expiry: grant.expires_in.map(|d| SystemTime::now() + d),
         user_uuid: (!uuid.is_empty()).then(|| uuid.to_string()),
     }
@@ -598,10 +689,12 @@ fn clip(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
+type CachedGroups = (Instant, Arc<Vec<ApiGroup>>);
+
 /// Per-workspace group lists, shared by all logins for `teamGroupsCacheTTL`.
 struct GroupsCache {
     ttl: Duration,
-    entries: Mutex<HashMap<String, (Instant, Arc<Vec<ApiGroup>>)>>,
+    entries: Mutex<HashMap<String, CachedGroups>>,
 }
 
 const GROUPS_CACHE_MAX: usize = 10_000;
@@ -643,31 +736,31 @@ impl GroupsCache {
 
 type Redemption = Arc<OnceCell<Result<Grant, Error>>>;
 
-/// Single flight for refresh tokens: concurrent (and, for a short while,
-/// later) callers with the same refresh token share one redemption, since
-/// Bitbucket rotates the token on every use.
+/// Single flight for refresh tokens: callers that hold the same refresh token
+/// while its redemption is in flight share it, since Bitbucket rotates the
+/// token on every use. A later caller redeems again, which Bitbucket allows
+/// during its grace window for a used token.
 #[derive(Default)]
 struct Redemptions {
-    inflight: Mutex<HashMap<String, (Instant, Redemption)>>,
+    inflight: Mutex<HashMap<String, Redemption>>,
 }
 
 impl Redemptions {
     /// The shared cell for this token, and whether this caller created it.
     fn join(&self, rt: &Secret) -> (Redemption, bool) {
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        map.retain(|_, (at, _)| at.elapsed() < REDEMPTION_SHARED_FOR);
-        if let Some((_, cell)) = map.get(rt.expose()) {
+        if let Some(cell) = map.get(rt.expose()) {
             return (cell.clone(), false);
         }
         let cell: Redemption = Arc::new(OnceCell::new());
-        map.insert(rt.expose().to_string(), (Instant::now(), cell.clone()));
+        map.insert(rt.expose().to_string(), cell.clone());
         (cell, true)
     }
 
-    /// Drops a failed redemption so that the next caller tries again.
+    /// Ends the redemption's sharing once it has a result.
     fn forget(&self, rt: &Secret, cell: &Redemption) {
         let mut map = self.inflight.lock().unwrap_or_else(|e| e.into_inner());
-        if map.get(rt.expose()).is_some_and(|(_, c)| Arc::ptr_eq(c, cell)) {
+        if map.get(rt.expose()).is_some_and(|c| Arc::ptr_eq(c, cell)) {
             map.remove(rt.expose());
         }
     }
@@ -723,7 +816,9 @@ mod tests {
             slug: slug.into(),
             members: members
                 .iter()
-                .map(|u| ApiGroupMember { uuid: Some(u.to_string()) })
+                .map(|u| ApiGroupMember {
+                    uuid: Some(u.to_string()),
+                })
                 .collect(),
         }
     }
@@ -739,11 +834,16 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(
-            parse_callback("error=server_error").unwrap_err().to_string(),
+            parse_callback("error=server_error")
+                .unwrap_err()
+                .to_string(),
             "bitbucket: server_error"
         );
         for bad in ["", "state=x", "code=", "%%%", "code"] {
-            assert!(matches!(parse_callback(bad), Err(Error::MalformedCallback(_))), "{bad:?}");
+            assert!(
+                matches!(parse_callback(bad), Err(Error::MalformedCallback(_))),
+                "{bad:?}"
+            );
         }
         assert!(matches!(
             parse_callback(&format!("code={}", "a".repeat(MAX_RAW_QUERY))),
@@ -771,7 +871,14 @@ mod tests {
         ];
         assert_eq!(
             compose_groups(&kept, &details, me),
-            ["alpha", "beta", "alpha/devs", "alpha/admins", "alpha:owner", "beta:member"]
+            [
+                "alpha",
+                "beta",
+                "alpha/devs",
+                "alpha/admins",
+                "alpha:owner",
+                "beta:member"
+            ]
         );
     }
 
@@ -793,10 +900,17 @@ mod tests {
             is_confirmed: c,
         };
         assert_eq!(
-            primary_email(&[e("a@x", true, false), e("b@x", false, true), e("c@x", true, true)]),
+            primary_email(&[
+                e("a@x", true, false),
+                e("b@x", false, true),
+                e("c@x", true, true)
+            ]),
             Some("c@x".into())
         );
-        assert_eq!(primary_email(&[e("a@x", true, false), e("b@x", false, true)]), None);
+        assert_eq!(
+            primary_email(&[e("a@x", true, false), e("b@x", false, true)]),
+            None
+        );
     }
 
     #[test]

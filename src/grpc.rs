@@ -33,7 +33,12 @@ pub struct Service {
 }
 
 impl Service {
-    pub fn new(connectors: Arc<Connectors>, metrics: Metrics, in_flight: Arc<Semaphore>, default_timeout: Duration) -> Self {
+    pub fn new(
+        connectors: Arc<Connectors>,
+        metrics: Metrics,
+        in_flight: Arc<Semaphore>,
+        default_timeout: Duration,
+    ) -> Self {
         Service {
             connectors,
             metrics,
@@ -90,7 +95,14 @@ impl Service {
             Err(_) => connector_id,
         };
         match &result {
-            Ok(_) => tracing::info!(rpc = method, connector, code = code_name(code), ms, request_id, "rpc"),
+            Ok(_) => tracing::info!(
+                rpc = method,
+                connector,
+                code = code_name(code),
+                ms,
+                request_id,
+                "rpc"
+            ),
             Err(s) if is_server_fault(code) => tracing::warn!(
                 rpc = method,
                 connector,
@@ -116,7 +128,10 @@ impl Service {
 
 #[tonic::async_trait]
 impl pb::connector_service_server::ConnectorService for Service {
-    async fn login_url(&self, req: Request<pb::LoginUrlRequest>) -> Result<Response<pb::LoginUrlResponse>, Status> {
+    async fn login_url(
+        &self,
+        req: Request<pb::LoginUrlRequest>,
+    ) -> Result<Response<pb::LoginUrlResponse>, Status> {
         let (meta, _, req) = req.into_parts();
         let id = req.connector_id.clone();
         self.rpc("LoginURL", &meta, &id, |_| async {
@@ -138,7 +153,9 @@ impl pb::connector_service_server::ConnectorService for Service {
         let id = req.connector_id.clone();
         self.rpc("HandleCallback", &meta, &id, |deadline| async move {
             let c = self.connectors.select(&req.connector_id)?;
-            let identity = c.handle_callback(scopes(req.scopes), &req.raw_query, deadline).await?;
+            let identity = c
+                .handle_callback(scopes(req.scopes), &req.raw_query, deadline)
+                .await?;
             Ok(pb::HandleCallbackResponse {
                 identity: Some(identity.into()),
             })
@@ -146,7 +163,10 @@ impl pb::connector_service_server::ConnectorService for Service {
         .await
     }
 
-    async fn refresh(&self, req: Request<pb::RefreshRequest>) -> Result<Response<pb::RefreshResponse>, Status> {
+    async fn refresh(
+        &self,
+        req: Request<pb::RefreshRequest>,
+    ) -> Result<Response<pb::RefreshResponse>, Status> {
         let (meta, _, req) = req.into_parts();
         let id = req.connector_id.clone();
         self.rpc("Refresh", &meta, &id, |deadline| async move {
@@ -257,7 +277,11 @@ fn request_id(meta: &tonic::metadata::MetadataMap) -> String {
 fn is_server_fault(code: Code) -> bool {
     matches!(
         code,
-        Code::Internal | Code::Unavailable | Code::DeadlineExceeded | Code::ResourceExhausted | Code::Unknown
+        Code::Internal
+            | Code::Unavailable
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Unknown
     )
 }
 
@@ -266,8 +290,17 @@ pub fn status(code: Code, message: String, reason: &str) -> Status {
     status_with(code, message, reason, HashMap::new())
 }
 
-fn status_with(code: Code, message: String, reason: &str, metadata: HashMap<String, String>) -> Status {
-    Status::with_error_details(code, message, ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata))
+fn status_with(
+    code: Code,
+    message: String,
+    reason: &str,
+    metadata: HashMap<String, String>,
+) -> Status {
+    Status::with_error_details(
+        code,
+        message,
+        ErrorDetails::with_error_info(reason, ERROR_DOMAIN, metadata),
+    )
 }
 
 /// The one mapping from domain errors to gRPC statuses (see README's table).
@@ -330,7 +363,10 @@ mod tests {
         assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
         assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
         assert_eq!(parse_grpc_timeout("1H"), Some(Duration::from_secs(3600)));
-        assert_eq!(parse_grpc_timeout("99999999n"), Some(Duration::from_nanos(99_999_999)));
+        assert_eq!(
+            parse_grpc_timeout("99999999n"),
+            Some(Duration::from_nanos(99_999_999))
+        );
         for bad in ["", "m", "100", "123456789S", "-1S", "1x", "1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
@@ -342,7 +378,10 @@ mod tests {
             username: "alice".into(),
         });
         assert_eq!(s.code(), Code::PermissionDenied);
-        assert_eq!(s.message(), "bitbucket: user \"alice\" is not in any of the required teams");
+        assert_eq!(
+            s.message(),
+            "bitbucket: user \"alice\" is not in any of the required teams"
+        );
         let info = s.get_details_error_info().unwrap();
         assert_eq!(info.reason, "NOT_IN_REQUIRED_TEAMS");
         assert_eq!(info.domain, ERROR_DOMAIN);

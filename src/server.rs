@@ -100,7 +100,11 @@ impl App {
 /// Serves until `shutdown` resolves, then drains: health goes NOT_SERVING,
 /// new connections are refused, in-flight RPCs finish within
 /// `grpc.shutdownTimeout`.
-pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = ()>) -> Result<(), String> {
+pub async fn serve(
+    app: App,
+    listener: Listener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), String> {
     let cfg = &app.config.grpc;
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
     let service = Service::new(
@@ -109,10 +113,11 @@ pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = 
         in_flight.clone(),
         cfg.default_timeout,
     );
-    let connector_server = ConnectorServiceServer::new(service)
-        .max_decoding_message_size(cfg.max_request_bytes);
+    let connector_server =
+        ConnectorServiceServer::new(service).max_decoding_message_size(cfg.max_request_bytes);
     let tokens = Arc::new(cfg.auth_tokens.clone());
-    let connector_server = InterceptedService::new(connector_server, move |req| check_token(&tokens, req));
+    let connector_server =
+        InterceptedService::new(connector_server, move |req| check_token(&tokens, req));
 
     let (health, health_server) = tonic_health::server::health_reporter();
     let serving = Arc::new(AtomicBool::new(false));
@@ -127,7 +132,9 @@ pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = 
             .map_err(|e| format!("grpc.tlsCert: {e}"))?;
     }
     let mut router = builder
-        .layer(tower::util::MapResponseLayer::new(too_large_is_resource_exhausted))
+        .layer(tower::util::MapResponseLayer::new(
+            too_large_is_resource_exhausted,
+        ))
         .add_service(health_server)
         .add_service(connector_server);
     if cfg.reflection {
@@ -147,7 +154,9 @@ pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = 
     }
 
     let telemetry = match app.config.telemetry.http {
-        Some(addr) => Some(telemetry::serve_http(addr, app.metrics.clone(), serving.clone()).await?),
+        Some(addr) => {
+            Some(telemetry::serve_http(addr, app.metrics.clone(), serving.clone()).await?)
+        }
         None => None,
     };
 
@@ -175,7 +184,9 @@ pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = 
     };
 
     health.set_service_status("", ServingStatus::Serving).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::Serving).await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::Serving)
+        .await;
     serving.store(true, Ordering::SeqCst);
     tracing::info!(
         addr = %addr_text,
@@ -203,8 +214,12 @@ pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = 
     let started = tokio::time::Instant::now();
     let drain_deadline = started + cfg.shutdown_timeout;
     serving.store(false, Ordering::SeqCst);
-    health.set_service_status("", ServingStatus::NotServing).await;
-    health.set_service_status(SERVICE_NAME, ServingStatus::NotServing).await;
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
     tracing::info!(timeout = ?cfg.shutdown_timeout, "shutting down: health NOT_SERVING, draining in-flight RPCs");
     let _ = stop_tx.send(());
     let permits = cfg.max_in_flight.min(u32::MAX as usize) as u32;
@@ -212,13 +227,17 @@ pub async fn serve(app: App, listener: Listener, shutdown: impl Future<Output = 
     match drained {
         Ok(_) => {
             // Let the last responses flush; open health watches end here.
-            let flush = (drain_deadline - tokio::time::Instant::now()).min(Duration::from_millis(500));
+            let flush =
+                (drain_deadline - tokio::time::Instant::now()).min(Duration::from_millis(500));
             let _ = tokio::time::timeout(flush, &mut server).await;
             tracing::info!(took = ?started.elapsed(), "drained; exiting");
         }
         Err(_) => {
             let left = cfg.max_in_flight - in_flight.available_permits();
-            tracing::warn!(in_flight = left, "shutdown timeout reached with RPCs still in flight; exiting");
+            tracing::warn!(
+                in_flight = left,
+                "shutdown timeout reached with RPCs still in flight; exiting"
+            );
         }
     }
     if let Some(t) = telemetry {
@@ -269,11 +288,19 @@ fn tls_config(
     key: &PathBuf,
     client_ca: Option<&PathBuf>,
 ) -> Result<tonic::transport::ServerTlsConfig, String> {
-    let read = |key: &str, p: &PathBuf| std::fs::read(p).map_err(|e| format!("{key}: cannot read {}: {e}", p.display()));
-    let identity = tonic::transport::Identity::from_pem(read("grpc.tlsCert", cert)?, read("grpc.tlsKey", key)?);
+    let read = |key: &str, p: &PathBuf| {
+        std::fs::read(p).map_err(|e| format!("{key}: cannot read {}: {e}", p.display()))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read("grpc.tlsCert", cert)?,
+        read("grpc.tlsKey", key)?,
+    );
     let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
     if let Some(ca) = client_ca {
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read("grpc.tlsClientCA", ca)?));
+        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
+            "grpc.tlsClientCA",
+            ca,
+        )?));
     }
     Ok(tls)
 }

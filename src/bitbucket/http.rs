@@ -73,6 +73,7 @@ enum Attempt {
 
 impl Http {
     pub fn new(metrics: Metrics, opts: HttpOptions) -> Result<Http, String> {
+        install_crypto();
         let client = reqwest::Client::builder()
             .user_agent(concat!("bitbucket-connector/", env!("CARGO_PKG_VERSION")))
             // Redirects could carry the Authorization header elsewhere.
@@ -236,7 +237,10 @@ impl Http {
                     .upstream(endpoint, UpstreamStatus::Http(status.as_u16()), secs);
                 Attempt::Fail(UpstreamError::Invalid {
                     endpoint,
-                    detail: format!("response body larger than {} bytes", self.opts.max_body_bytes),
+                    detail: format!(
+                        "response body larger than {} bytes",
+                        self.opts.max_body_bytes
+                    ),
                 })
             }
             Ok(resp) => {
@@ -283,6 +287,12 @@ impl Http {
     }
 }
 
+/// Installs ring as the process's TLS provider, shared by reqwest and tonic
+/// (reqwest is built without one of its own). Idempotent.
+pub fn install_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
 enum ExchangeError {
     Transport(reqwest::Error),
     TooLarge(StatusCode),
@@ -325,7 +335,10 @@ mod tests {
         let mut h = HeaderMap::new();
         h.insert(RETRY_AFTER, "3".parse().unwrap());
         assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
-        h.insert(RETRY_AFTER, "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap());
+        h.insert(
+            RETRY_AFTER,
+            "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
+        );
         assert_eq!(retry_after(&h), None);
     }
 

@@ -9,12 +9,15 @@ pub mod types;
 
 use std::time::Duration;
 
-use oauth2::{AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, RefreshToken, TokenResponse as _, TokenUrl};
+use oauth2::{
+    AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, RefreshToken,
+    TokenResponse as _, TokenUrl,
+};
 use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use url::Url;
 
-pub use self::http::{Auth, HttpOptions};
+pub use self::http::{install_crypto, Auth, HttpOptions};
 use self::http::{Http, Response};
 use self::token::{classify, OAuthClient, TokenHttp};
 use self::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess, ApiWorkspacePermission, Page};
@@ -36,19 +39,34 @@ pub const EP_GROUPS: &str = "/1.0/groups/{workspace}";
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum UpstreamError {
     #[error("{endpoint}: {detail}")]
-    Connect { endpoint: &'static str, detail: String },
+    Connect {
+        endpoint: &'static str,
+        detail: String,
+    },
     #[error("{endpoint}: {detail}")]
-    Transport { endpoint: &'static str, detail: String },
+    Transport {
+        endpoint: &'static str,
+        detail: String,
+    },
     #[error("{endpoint}: no answer within {after:?}")]
-    Timeout { endpoint: &'static str, after: Duration },
+    Timeout {
+        endpoint: &'static str,
+        after: Duration,
+    },
     #[error("{endpoint}: HTTP {status}")]
     Status { endpoint: &'static str, status: u16 },
     #[error("{endpoint}: {detail}")]
-    Unavailable { endpoint: &'static str, detail: String },
+    Unavailable {
+        endpoint: &'static str,
+        detail: String,
+    },
     #[error("{endpoint}: the caller's deadline passed")]
     DeadlineExceeded { endpoint: &'static str },
     #[error("{endpoint}: {detail}")]
-    Invalid { endpoint: &'static str, detail: String },
+    Invalid {
+        endpoint: &'static str,
+        detail: String,
+    },
     #[error("{endpoint}: HTTP 401 (token not accepted)")]
     Unauthorized { endpoint: &'static str },
     /// 403, 404 or 410.
@@ -133,12 +151,19 @@ impl Client {
     /// The authorize URL: `client_id`, `response_type=code` and `state`.
     pub fn authorize_url(&self, state: &str) -> Url {
         let state = state.to_string();
-        let (url, _) = self.oauth.authorize_url(move || CsrfToken::new(state)).url();
+        let (url, _) = self
+            .oauth
+            .authorize_url(move || CsrfToken::new(state))
+            .url();
         url
     }
 
     /// Redeems an authorization code (never retried once Bitbucket answered).
-    pub async fn exchange_code(&self, code: &str, deadline: Instant) -> Result<Grant, UpstreamError> {
+    pub async fn exchange_code(
+        &self,
+        code: &str,
+        deadline: Instant,
+    ) -> Result<Grant, UpstreamError> {
         let http = TokenHttp {
             http: &self.http,
             deadline,
@@ -153,7 +178,11 @@ impl Client {
     }
 
     /// Redeems a refresh token; Bitbucket answers with a new one.
-    pub async fn refresh(&self, refresh_token: &Secret, deadline: Instant) -> Result<Grant, UpstreamError> {
+    pub async fn refresh(
+        &self,
+        refresh_token: &Secret,
+        deadline: Instant,
+    ) -> Result<Grant, UpstreamError> {
         let http = TokenHttp {
             http: &self.http,
             deadline,
@@ -170,7 +199,10 @@ impl Client {
 
     pub async fn user(&self, token: &Secret, deadline: Instant) -> Result<ApiUser, UpstreamError> {
         let url = join(&self.api, &["user"]);
-        let resp = self.http.get(EP_USER, &url, Auth::Bearer(token), deadline).await?;
+        let resp = self
+            .http
+            .get(EP_USER, &url, Auth::Bearer(token), deadline)
+            .await?;
         let user: ApiUser = decode(EP_USER, &ok(EP_USER, resp)?)?;
         if user.uuid.trim().is_empty() {
             return Err(UpstreamError::Invalid {
@@ -181,9 +213,14 @@ impl Client {
         Ok(user)
     }
 
-    pub async fn emails(&self, token: &Secret, deadline: Instant) -> Result<Vec<ApiEmail>, UpstreamError> {
+    pub async fn emails(
+        &self,
+        token: &Secret,
+        deadline: Instant,
+    ) -> Result<Vec<ApiEmail>, UpstreamError> {
         let url = join(&self.api, &["user", "emails"]);
-        self.paginate(EP_EMAILS, url, Auth::Bearer(token), deadline).await
+        self.paginate(EP_EMAILS, url, Auth::Bearer(token), deadline)
+            .await
     }
 
     pub async fn workspaces(
@@ -192,10 +229,16 @@ impl Client {
         deadline: Instant,
     ) -> Result<Vec<ApiWorkspaceAccess>, UpstreamError> {
         let url = join(&self.api, &["user", "workspaces"]);
-        self.paginate(EP_WORKSPACES, url, Auth::Bearer(token), deadline).await
+        self.paginate(EP_WORKSPACES, url, Auth::Bearer(token), deadline)
+            .await
     }
 
-    pub async fn permission(&self, token: &Secret, slug: &str, deadline: Instant) -> Result<String, UpstreamError> {
+    pub async fn permission(
+        &self,
+        token: &Secret,
+        slug: &str,
+        deadline: Instant,
+    ) -> Result<String, UpstreamError> {
         let url = join(&self.api, &["user", "workspaces", slug, "permission"]);
         let resp = self
             .http
@@ -206,7 +249,12 @@ impl Client {
     }
 
     /// API 1.0 workspace groups; readable by workspace admins only.
-    pub async fn groups(&self, auth: Auth<'_>, slug: &str, deadline: Instant) -> Result<Vec<ApiGroup>, UpstreamError> {
+    pub async fn groups(
+        &self,
+        auth: Auth<'_>,
+        slug: &str,
+        deadline: Instant,
+    ) -> Result<Vec<ApiGroup>, UpstreamError> {
         let url = join(&self.legacy, &["groups", slug]);
         let resp = self.http.get(EP_GROUPS, &url, auth, deadline).await?;
         decode(EP_GROUPS, &ok(EP_GROUPS, resp)?)
@@ -261,7 +309,9 @@ impl Client {
 fn grant(resp: &token::BitbucketTokenResponse) -> Grant {
     Grant {
         access_token: Secret::new(resp.access_token().secret().clone()),
-        refresh_token: resp.refresh_token().map(|r| Secret::new(r.secret().clone())),
+        refresh_token: resp
+            .refresh_token()
+            .map(|r| Secret::new(r.secret().clone())),
         expires_in: resp.expires_in(),
     }
 }
@@ -279,7 +329,9 @@ fn join(base: &Url, segments: &[&str]) -> Url {
 }
 
 fn same_origin(a: &Url, b: &Url) -> bool {
-    a.scheme() == b.scheme() && a.host() == b.host() && a.port_or_known_default() == b.port_or_known_default()
+    a.scheme() == b.scheme()
+        && a.host() == b.host()
+        && a.port_or_known_default() == b.port_or_known_default()
 }
 
 fn origin(u: &Url) -> String {
@@ -295,7 +347,10 @@ fn ok(endpoint: &'static str, resp: Response) -> Result<Response, UpstreamError>
     match resp.status.as_u16() {
         200..=299 => Ok(resp),
         401 => Err(UpstreamError::Unauthorized { endpoint }),
-        s @ (403 | 404 | 410) => Err(UpstreamError::Denied { endpoint, status: s }),
+        s @ (403 | 404 | 410) => Err(UpstreamError::Denied {
+            endpoint,
+            status: s,
+        }),
         s @ 500..=599 => Err(UpstreamError::Unavailable {
             endpoint,
             detail: format!("HTTP {s}"),
@@ -307,7 +362,10 @@ fn ok(endpoint: &'static str, resp: Response) -> Result<Response, UpstreamError>
     }
 }
 
-fn decode<T: DeserializeOwned>(endpoint: &'static str, resp: &Response) -> Result<T, UpstreamError> {
+fn decode<T: DeserializeOwned>(
+    endpoint: &'static str,
+    resp: &Response,
+) -> Result<T, UpstreamError> {
     serde_json::from_slice(&resp.body).map_err(|e| UpstreamError::Invalid {
         endpoint,
         // serde_json's message names a position and what it expected, not the data.
@@ -327,15 +385,30 @@ mod tests {
             "https://api.example/2.0/user/workspaces/a%2F..%2Fb/permission"
         );
         let base = Url::parse("https://api.example/2.0/").unwrap();
-        assert_eq!(join(&base, &["user"]).as_str(), "https://api.example/2.0/user");
+        assert_eq!(
+            join(&base, &["user"]).as_str(),
+            "https://api.example/2.0/user"
+        );
     }
 
     #[test]
     fn origins() {
         let a = Url::parse("https://api.bitbucket.org/2.0").unwrap();
-        assert!(same_origin(&Url::parse("https://api.bitbucket.org:443/2.0/x?page=2").unwrap(), &a));
-        assert!(!same_origin(&Url::parse("http://api.bitbucket.org/2.0").unwrap(), &a));
-        assert!(!same_origin(&Url::parse("https://evil.example/2.0").unwrap(), &a));
-        assert!(!same_origin(&Url::parse("https://api.bitbucket.org:8443/2.0").unwrap(), &a));
+        assert!(same_origin(
+            &Url::parse("https://api.bitbucket.org:443/2.0/x?page=2").unwrap(),
+            &a
+        ));
+        assert!(!same_origin(
+            &Url::parse("http://api.bitbucket.org/2.0").unwrap(),
+            &a
+        ));
+        assert!(!same_origin(
+            &Url::parse("https://evil.example/2.0").unwrap(),
+            &a
+        ));
+        assert!(!same_origin(
+            &Url::parse("https://api.bitbucket.org:8443/2.0").unwrap(),
+            &a
+        ));
     }
 }

@@ -6,11 +6,12 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use oauth2::basic::{
-    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse, BasicTokenType,
+    BasicErrorResponse, BasicRevocationErrorResponse, BasicTokenIntrospectionResponse,
+    BasicTokenType,
 };
 use oauth2::{
-    AccessToken, EndpointNotSet, EndpointSet, HttpRequest, HttpResponse, RefreshToken, RequestTokenError,
-    Scope, StandardRevocableToken, TokenResponse,
+    AccessToken, EndpointNotSet, EndpointSet, HttpRequest, HttpResponse, RefreshToken,
+    RequestTokenError, Scope, StandardRevocableToken, TokenResponse,
 };
 use serde::{Deserialize, Deserializer, Serialize};
 use tokio::time::Instant;
@@ -228,8 +229,14 @@ mod tests {
 
     #[test]
     fn garbage_expiry_is_an_error() {
-        assert!(serde_json::from_str::<BitbucketTokenResponse>(r#"{"access_token":"a","expires_in":"soon"}"#).is_err());
-        assert!(serde_json::from_str::<BitbucketTokenResponse>(r#"{"access_token":"a","expires_in":-5}"#).is_err());
+        assert!(serde_json::from_str::<BitbucketTokenResponse>(
+            r#"{"access_token":"a","expires_in":"soon"}"#
+        )
+        .is_err());
+        assert!(serde_json::from_str::<BitbucketTokenResponse>(
+            r#"{"access_token":"a","expires_in":-5}"#
+        )
+        .is_err());
     }
 
     #[test]

@@ -1,0 +1,1 @@
+//! Issue 3: HandleCallback against the fake Bitbucket (being written).

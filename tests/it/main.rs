@@ -1,0 +1,8 @@
+//! Integration tests: the service on a real gRPC port, Bitbucket faked over
+//! real HTTP on loopback. One binary, one module per capability.
+
+mod harness;
+
+mod foundation;
+mod login;
+mod refresh;

@@ -1,0 +1,1 @@
+//! Issue 4: Refresh and sealed connector data (being written).
