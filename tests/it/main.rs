@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod cli;
 mod foundation;
 mod login;
 mod refresh;

@@ -1,0 +1,226 @@
+//! The binary as an operator runs it: check-config, serve, signals, startup errors.
+
+use std::io::Write as _;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use bitbucket_connector::fake_bitbucket::{Endpoint, FakeBitbucket, Fault, Fixture};
+use bitbucket_connector::pb;
+use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use tonic::transport::Channel;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::harness::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_bitbucket-connector");
+
+fn write_config(text: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::NamedTempFile::new().unwrap();
+    f.write_all(text.as_bytes()).unwrap();
+    f
+}
+
+fn config_for(fake: &FakeBitbucket, addr: &str, extra_top: &str) -> String {
+    format!(
+        "grpc:\n  addr: {addr}\n  shutdownTimeout: 5s\n{extra_top}connectorData:\n  keys: [$TEST_DATA_KEY]\nconnectors:\n- type: bitbucket-cloud\n  id: bitbucket-cloud\n  name: Bitbucket\n  config:\n    clientID: {CLIENT_ID}\n    clientSecret: $TEST_CLIENT_SECRET\n    redirectURI: {REDIRECT}\n    authURL: {}\n    tokenURL: {}\n    apiURL: {}\n    legacyAPIURL: {}\n",
+        fake.auth_url(),
+        fake.token_url(),
+        fake.api_url(),
+        fake.legacy_api_url()
+    )
+}
+
+#[test]
+fn check_config_prints_every_problem_and_exits_1() {
+    let f = write_config(
+        "grpc:\n  addr: 127.0.0.1:5557\n  shutdownTimeot: 5s\nconnectorData:\n  keys: [$TEST_UNSET_KEY_VARIABLE]\nconnectors:\n- type: bitbucket-cloud\n  id: bb\n  config:\n    clientID: x\n    clientSecret: hunter2-secret\n    redirectURI: not-a-url\n",
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(f.path())
+        .env_remove("TEST_UNSET_KEY_VARIABLE")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    assert!(lines[0].ends_with("grpc.shutdownTimeot: unknown key"), "{stderr}");
+    assert!(
+        lines[1].ends_with("connectorData.keys[0]: environment variable $TEST_UNSET_KEY_VARIABLE is not set"),
+        "{stderr}"
+    );
+    assert!(lines[2].contains("connectors[0].config.redirectURI: \"not-a-url\" is not an absolute URL"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "a secret was printed: {stderr}");
+    assert!(out.stdout.is_empty());
+}
+
+#[test]
+fn check_config_summarises_a_good_config_without_secrets() {
+    let f = write_config(include_str!("../../examples/config-dev.yaml"));
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(f.path())
+        .env("CONNECTOR_DATA_KEY", KEY_A)
+        .env("BITBUCKET_CLIENT_ID", "the-client-id")
+        .env("BITBUCKET_CLIENT_SECRET", "the-very-secret-secret")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.lines().count(), 1, "{stdout}");
+    assert!(stdout.contains("\"bitbucket-cloud\"") && stdout.contains("the-client-id"), "{stdout}");
+    assert!(!stdout.contains("the-very-secret-secret") && !stdout.contains(KEY_A));
+}
+
+#[test]
+fn version_is_printed() {
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        format!("bitbucket-connector {}", env!("CARGO_PKG_VERSION"))
+    );
+}
+
+#[test]
+fn serve_refuses_a_taken_port_with_one_clear_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = rt.block_on(FakeBitbucket::start(Fixture::demo())).unwrap();
+    let f = write_config(&config_for(&fake, &addr.to_string(), ""));
+    let out = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(f.path())
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let last = stderr.lines().last().unwrap_or_default();
+    assert!(last.contains(&format!("grpc.addr: cannot listen on {addr}")), "{stderr}");
+}
+
+#[test]
+fn serve_reads_the_config_path_from_the_environment() {
+    let out = Command::new(BIN)
+        .arg("serve")
+        .env("BITBUCKET_CONNECTOR_CONFIG", "/nonexistent/bbc.yaml")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/bbc.yaml: cannot read"));
+}
+
+async fn wait_serving(health: &mut HealthClient<Channel>) {
+    for _ in 0..300 {
+        let r = health.check(HealthCheckRequest { service: String::new() }).await;
+        if r.is_ok_and(|r| r.into_inner().status == 1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not serving");
+}
+
+/// SIGTERM during a slow login: health flips to NOT_SERVING, the in-flight
+/// login still completes, and the process exits 0 with JSON-only logs.
+#[tokio::test]
+async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(&fake, &addr.to_string(), "logger:\n  format: json\n"));
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(f.path())
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let mut health = HealthClient::new(channel.clone());
+    wait_serving(&mut health).await;
+
+    let mut watch = health
+        .watch(HealthCheckRequest { service: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(watch.message().await.unwrap().unwrap().status, 1);
+
+    fake.inject(Endpoint::User, Fault::Delay(Duration::from_millis(800)), Some(1));
+    let code = fake.issue_code(CLIENT_ID, "alice");
+    let login = tokio::spawn(async move {
+        ConnectorServiceClient::new(channel)
+            .handle_callback(pb::HandleCallbackRequest {
+                raw_query: format!("code={code}"),
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+
+    let flipped = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
+    assert_eq!(flipped.unwrap().unwrap().unwrap().status, 2, "health did not go NOT_SERVING");
+    let identity = login.await.unwrap().expect("the in-flight login must complete");
+    assert_eq!(identity.into_inner().identity.unwrap().username, "alice");
+
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let out = child.wait_with_output().await.unwrap();
+    let logs = String::from_utf8_lossy(&out.stderr);
+    assert!(logs.lines().count() >= 3, "{logs}");
+    for line in logs.lines().chain(String::from_utf8_lossy(&out.stdout).lines()) {
+        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    }
+}
+
+/// The sidecar setup: gRPC on a unix socket.
+#[tokio::test]
+async fn serves_on_a_unix_socket() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bbc.sock");
+    let f = write_config(&config_for(&fake, &format!("unix:{}", sock.display()), ""));
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(f.path())
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }));
+    let mut health = HealthClient::new(channel.clone());
+    wait_serving(&mut health).await;
+    let resp = ConnectorServiceClient::new(channel)
+        .login_url(pb::LoginUrlRequest {
+            callback_url: REDIRECT.into(),
+            state: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(resp.into_inner().url.starts_with(&fake.auth_url()));
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+    assert!(!sock.exists(), "the socket file should be removed on exit");
+}
