@@ -1,0 +1,20 @@
+# syntax=docker/dockerfile:1
+# Build: docker build -t bitbucket-connector .
+# Run:   docker run -v $PWD/config.yaml:/etc/bitbucket-connector/config.yaml:ro \
+#          -p 5557:5557 bitbucket-connector
+FROM rust:1.95-slim-bookworm AS build
+WORKDIR /src
+COPY Cargo.toml Cargo.lock build.rs ./
+COPY proto proto
+COPY src src
+RUN cargo build --release --locked --bin bitbucket-connector \
+ && strip target/release/bitbucket-connector
+
+# distroless/cc: glibc and CA certificates, no shell, runs as uid 65532.
+FROM gcr.io/distroless/cc-debian12:nonroot
+COPY --from=build /src/target/release/bitbucket-connector /usr/local/bin/bitbucket-connector
+ENV BITBUCKET_CONNECTOR_CONFIG=/etc/bitbucket-connector/config.yaml
+USER 65532:65532
+EXPOSE 5557 5558
+ENTRYPOINT ["/usr/local/bin/bitbucket-connector"]
+CMD ["serve"]
