@@ -7,7 +7,10 @@
 //! - [`server`]: the tonic server, health, reflection, auth, limits, shutdown;
 //! - [`sealing`]: connector data sealed with the operator's keys;
 //! - [`fake_bitbucket`]: a faithful fake Bitbucket Cloud for `demo` and tests.
-#![cfg_attr(not(test), deny(clippy::unwrap_used, clippy::expect_used, clippy::panic))]
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 pub mod bitbucket;
 pub mod cli;
@@ -20,6 +23,7 @@ pub mod sealing;
 pub mod secret;
 pub mod server;
 pub mod telemetry;
+pub mod tls;
 
 /// The generated protobuf and gRPC code, fenced off from the rest.
 pub mod pb {
@@ -27,7 +31,8 @@ pub mod pb {
     tonic::include_proto!("connector.v1");
 
     /// The descriptor set served by reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("connector_descriptor");
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        tonic::include_file_descriptor_set!("connector_descriptor");
 
     impl std::fmt::Debug for Identity {
         fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

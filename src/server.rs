@@ -22,6 +22,7 @@ use crate::grpc::{self, Service};
 use crate::metrics::Metrics;
 use crate::pb::connector_service_server::ConnectorServiceServer;
 use crate::sealing::Sealer;
+use crate::tls::{ReloadableTls, TlsFiles};
 use crate::secret::Secret;
 use crate::{bitbucket, pb, telemetry};
 
@@ -122,15 +123,20 @@ pub async fn serve(
     let (health, health_server) = tonic_health::server::health_reporter();
     let serving = Arc::new(AtomicBool::new(false));
 
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(cfg.keepalive_interval))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .max_concurrent_streams(Some(cfg.max_in_flight.min(u32::MAX as usize) as u32));
-    if let (Some(cert), Some(key)) = (&cfg.tls_cert, &cfg.tls_key) {
-        builder = builder
-            .tls_config(tls_config(cert, key, cfg.tls_client_ca.as_ref())?)
-            .map_err(|e| format!("grpc.tlsCert: {e}"))?;
-    }
+        // Not tied to maxInFlight: a client would queue streams instead of
+        // hearing RESOURCE_EXHAUSTED.
+        .max_concurrent_streams(Some(cfg.max_in_flight.clamp(256, 1 << 20) as u32));
+    let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+        (Some(cert), Some(key)) => Some(Arc::new(ReloadableTls::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: cfg.tls_client_ca.clone(),
+        })?)),
+        _ => None,
+    };
     let mut router = builder
         .layer(tower::util::MapResponseLayer::new(
             too_large_is_resource_exhausted,
@@ -172,11 +178,18 @@ pub async fn serve(
         Listener::Unix(_, p) => Some(p.clone()),
         Listener::Tcp(_) => None,
     };
+    let tls_watch = tls.clone().map(|t| tokio::spawn(t.watch()));
     let server = match listener {
-        Listener::Tcp(l) => {
-            let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-        }
+        Listener::Tcp(l) => match tls {
+            Some(tls) => {
+                let incoming = crate::tls::incoming(l, tls);
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+            None => {
+                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
+                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
+            }
+        },
         Listener::Unix(l, _) => {
             let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
             tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
@@ -240,7 +253,7 @@ pub async fn serve(
             );
         }
     }
-    if let Some(t) = telemetry {
+    for t in [telemetry, tls_watch].into_iter().flatten() {
         t.abort();
     }
     if let Some(p) = socket_path {
@@ -281,28 +294,6 @@ fn check_token(tokens: &[Secret], req: tonic::Request<()>) -> Result<tonic::Requ
             "INVALID_CREDENTIALS",
         ))
     }
-}
-
-fn tls_config(
-    cert: &PathBuf,
-    key: &PathBuf,
-    client_ca: Option<&PathBuf>,
-) -> Result<tonic::transport::ServerTlsConfig, String> {
-    let read = |key: &str, p: &PathBuf| {
-        std::fs::read(p).map_err(|e| format!("{key}: cannot read {}: {e}", p.display()))
-    };
-    let identity = tonic::transport::Identity::from_pem(
-        read("grpc.tlsCert", cert)?,
-        read("grpc.tlsKey", key)?,
-    );
-    let mut tls = tonic::transport::ServerTlsConfig::new().identity(identity);
-    if let Some(ca) = client_ca {
-        tls = tls.client_ca_root(tonic::transport::Certificate::from_pem(read(
-            "grpc.tlsClientCA",
-            ca,
-        )?));
-    }
-    Ok(tls)
 }
 
 /// tonic answers an over-limit request message with OUT_OF_RANGE; gRPC's

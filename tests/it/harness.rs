@@ -67,13 +67,22 @@ impl Setup {
     }
 
     pub async fn start(self) -> Env {
+        self.start_plain_probe(true).await
+    }
+
+    /// `probe = false` for servers that plaintext health checks cannot reach (TLS).
+    pub async fn start_plain_probe(self, probe: bool) -> Env {
         let fake = FakeBitbucket::start(self.fixture.clone()).await.unwrap();
-        self.start_with(fake).await
+        self.start_inner(fake, probe).await
     }
 
     /// The service against an already running fake (to restart the service
     /// with another config while the fake keeps its tokens).
     pub async fn start_with(self, fake: FakeBitbucket) -> Env {
+        self.start_inner(fake, true).await
+    }
+
+    async fn start_inner(self, fake: FakeBitbucket, probe: bool) -> Env {
         let telemetry = self.telemetry.then(free_port);
         let yaml = self.yaml(&fake, telemetry);
         let cfg = Config::parse(&yaml, &|_| None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
@@ -95,7 +104,11 @@ impl Setup {
             stop: Some(stop),
             task: Some(task),
         };
-        env.wait_serving().await;
+        if probe {
+            env.wait_serving().await;
+        } else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
         env
     }
 

@@ -7,3 +7,4 @@ mod cli;
 mod foundation;
 mod login;
 mod refresh;
+mod security;

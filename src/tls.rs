@@ -1,0 +1,177 @@
+//! TLS and mutual TLS for the gRPC port, with certificates re-read on SIGHUP
+//! or when the files change, without dropping the server or its connections.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use rustls::pki_types::pem::PemObject as _;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+
+/// A handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the files' modification times are looked at.
+const POLL_EVERY: Duration = Duration::from_secs(5);
+
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: Option<PathBuf>,
+}
+
+/// The current server TLS config; new connections use the latest one.
+pub struct ReloadableTls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+    stamps: Mutex<Vec<Option<SystemTime>>>,
+}
+
+impl ReloadableTls {
+    pub fn load(files: TlsFiles) -> Result<ReloadableTls, String> {
+        let config = build(&files)?;
+        Ok(ReloadableTls {
+            stamps: Mutex::new(stamps(&files)),
+            files,
+            current: RwLock::new(Arc::new(config)),
+        })
+    }
+
+    /// Re-reads the files; on error the previous config stays in use.
+    pub fn reload(&self) -> Result<(), String> {
+        let config = build(&self.files)?;
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps(&self.files);
+        Ok(())
+    }
+
+    fn changed(&self) -> bool {
+        let now = stamps(&self.files);
+        *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != now
+    }
+
+    fn acceptor(&self) -> TlsAcceptor {
+        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+    }
+
+    /// Reloads on SIGHUP and when a file's modification time changes.
+    pub async fn watch(self: Arc<Self>) {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        loop {
+            let by_signal = async {
+                #[cfg(unix)]
+                if let Some(h) = hup.as_mut() {
+                    h.recv().await;
+                    return;
+                }
+                std::future::pending::<()>().await
+            };
+            let why = tokio::select! {
+                _ = by_signal => "SIGHUP",
+                _ = tokio::time::sleep(POLL_EVERY) => {
+                    if !self.changed() {
+                        continue;
+                    }
+                    "files changed"
+                }
+            };
+            match self.reload() {
+                Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
+                Err(e) => tracing::error!(trigger = why, error = %e, "TLS reload failed; the previous certificates stay in use"),
+            }
+        }
+    }
+}
+
+fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
+    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
+        .into_iter()
+        .flatten()
+        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .collect()
+}
+
+fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .and_then(|it| it.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| format!("{key}: cannot read certificates from {}: {e}", path.display()))?;
+    if certs.is_empty() {
+        return Err(format!("{key}: no PEM certificate in {}", path.display()));
+    }
+    Ok(certs)
+}
+
+fn build(files: &TlsFiles) -> Result<ServerConfig, String> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let certs = read_certs("grpc.tlsCert", &files.cert)?;
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .map_err(|e| format!("grpc.tlsKey: cannot read a private key from {}: {e}", files.key.display()))?;
+    let builder = ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS: {e}"))?;
+    let builder = match &files.client_ca {
+        Some(ca) => {
+            let mut roots = RootCertStore::empty();
+            for c in read_certs("grpc.tlsClientCA", ca)? {
+                roots
+                    .add(c)
+                    .map_err(|e| format!("grpc.tlsClientCA: {}: {e}", ca.display()))?;
+            }
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .build()
+                .map_err(|e| format!("grpc.tlsClientCA: {}: {e}", ca.display()))?;
+            builder.with_client_cert_verifier(verifier)
+        }
+        None => builder.with_no_client_auth(),
+    };
+    let mut config = builder
+        .with_single_cert(certs, key)
+        .map_err(|e| format!("grpc.tlsKey: does not match grpc.tlsCert or is unusable: {e}"))?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(config)
+}
+
+/// Accepted TLS connections. Handshakes run concurrently (a slow or failing
+/// client never holds up the others); failures are logged at debug and dropped.
+pub fn incoming(
+    listener: TcpListener,
+    tls: Arc<ReloadableTls>,
+) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(128);
+    tokio::spawn(async move {
+        loop {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = tx.closed() => return,
+            };
+            let (tcp, peer) = match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = tls.acceptor();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    Ok(Ok(stream)) => {
+                        let _ = tx.send(Ok(stream)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    tokio_stream::wrappers::ReceiverStream::new(rx)
+}

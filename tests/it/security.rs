@@ -1,0 +1,240 @@
+//! Issue 5: who may call us (TLS, mTLS, bearer tokens), limits, hostile input.
+
+use std::time::Duration;
+
+use bitbucket_connector::fake_bitbucket::{Endpoint, Fault};
+use bitbucket_connector::pb;
+use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use tonic::Code;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+
+use crate::harness::*;
+
+pub struct Pki {
+    pub ca_pem: String,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    pub fn new(name: &str) -> Pki {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.distinguished_name.push(DnType::CommonName, name);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Pki {
+            ca_pem: issuer.pem(),
+            issuer,
+        }
+    }
+
+    /// (certificate PEM, key PEM) for these names.
+    pub fn leaf(&self, names: &[&str]) -> (String, String) {
+        let key = KeyPair::generate().unwrap();
+        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+pub struct TlsSetup {
+    pub dir: tempfile::TempDir,
+    pub server_ca: Pki,
+    pub client_ca: Pki,
+}
+
+impl TlsSetup {
+    pub fn new() -> TlsSetup {
+        let dir = tempfile::tempdir().unwrap();
+        let server_ca = Pki::new("server CA");
+        let client_ca = Pki::new("client CA");
+        let (cert, key) = server_ca.leaf(&["localhost", "127.0.0.1"]);
+        std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
+        std::fs::write(dir.path().join("tls.key"), key).unwrap();
+        std::fs::write(dir.path().join("client-ca.crt"), &client_ca.ca_pem).unwrap();
+        TlsSetup { dir, server_ca, client_ca }
+    }
+
+    pub fn grpc_lines(&self, mtls: bool) -> Vec<String> {
+        let p = |f: &str| self.dir.path().join(f).display().to_string();
+        let mut v = vec![format!("tlsCert: {}", p("tls.crt")), format!("tlsKey: {}", p("tls.key"))];
+        if mtls {
+            v.push(format!("tlsClientCA: {}", p("client-ca.crt")));
+        }
+        v
+    }
+}
+
+async fn tls_channel(env: &Env, ca_pem: &str, client: Option<(String, String)>) -> Result<Channel, tonic::transport::Error> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    if let Some((cert, key)) = client {
+        tls = tls.identity(Identity::from_pem(cert, key));
+    }
+    Channel::from_shared(format!("https://localhost:{}", env.addr.port()))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+}
+
+async fn check(channel: Channel) -> Result<i32, tonic::Status> {
+    HealthClient::new(channel)
+        .check(HealthCheckRequest { service: String::new() })
+        .await
+        .map(|r| r.into_inner().status)
+}
+
+async fn start_tls(tls: &TlsSetup, mtls: bool) -> Env {
+    let mut setup = Setup::default();
+    setup.grpc = tls.grpc_lines(mtls);
+    setup.start_plain_probe(false).await
+}
+
+#[tokio::test]
+async fn tls_serves_to_a_client_that_verifies_the_certificate() {
+    let tls = TlsSetup::new();
+    let env = start_tls(&tls, false).await;
+    let ch = tls_channel(&env, &tls.server_ca.ca_pem, None).await.unwrap();
+    assert_eq!(check(ch.clone()).await.unwrap(), 1);
+    let url = ConnectorServiceClient::new(ch)
+        .login_url(pb::LoginUrlRequest {
+            callback_url: REDIRECT.into(),
+            state: "s".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert!(url.into_inner().url.starts_with("http://127.0.0.1"));
+    // A client trusting another CA refuses the server.
+    let other = Pki::new("other");
+    assert!(tls_channel(&env, &other.ca_pem, None).await.is_err());
+}
+
+#[tokio::test]
+async fn mtls_refuses_clients_without_a_certificate_from_the_client_ca() {
+    let tls = TlsSetup::new();
+    let env = start_tls(&tls, true).await;
+    // No client certificate: refused at the handshake.
+    let no_cert = match tls_channel(&env, &tls.server_ca.ca_pem, None).await {
+        Err(_) => true,
+        Ok(ch) => check(ch).await.is_err(),
+    };
+    assert!(no_cert, "a client without a certificate was served");
+    // A certificate from another CA: refused.
+    let rogue = Pki::new("rogue CA").leaf(&["client"]);
+    let rogue_ok = match tls_channel(&env, &tls.server_ca.ca_pem, Some(rogue)).await {
+        Err(_) => false,
+        Ok(ch) => check(ch).await.is_ok(),
+    };
+    assert!(!rogue_ok, "a client signed by another CA was served");
+    // The right client certificate: served.
+    let good = tls.client_ca.leaf(&["identity-server"]);
+    let ch = tls_channel(&env, &tls.server_ca.ca_pem, Some(good)).await.unwrap();
+    assert_eq!(check(ch).await.unwrap(), 1);
+}
+
+fn with_token(token: Option<&str>) -> tonic::Request<pb::LoginUrlRequest> {
+    let mut req = tonic::Request::new(pb::LoginUrlRequest {
+        callback_url: REDIRECT.into(),
+        state: "s".into(),
+        ..Default::default()
+    });
+    if let Some(t) = token {
+        req.metadata_mut().insert("authorization", t.parse().unwrap());
+    }
+    req
+}
+
+#[tokio::test]
+async fn bearer_tokens_guard_the_connector_but_not_health_or_reflection() {
+    let env = Setup::default()
+        .grpc("authTokens: [first-token-value, second-token-value]")
+        .start()
+        .await;
+    let mut c = env.client();
+    let err = c.login_url(with_token(None)).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "MISSING_CREDENTIALS");
+    let err = c.login_url(with_token(Some("Bearer wrong-token-value"))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated);
+    assert_eq!(reason(&err), "INVALID_CREDENTIALS");
+    assert!(!err.message().contains("first-token-value"));
+    let err = c.login_url(with_token(Some("first-token-value"))).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "the Bearer scheme is required");
+    c.login_url(with_token(Some("Bearer first-token-value"))).await.unwrap();
+    c.login_url(with_token(Some("Bearer second-token-value"))).await.unwrap();
+    // Orchestrators and `grpcurl list` need no token.
+    assert_eq!(env.health_status("").await.unwrap(), 1);
+    let mut h = HealthClient::new(env.channel.clone());
+    h.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_oversized_request_is_resource_exhausted_and_the_server_stays_up() {
+    let env = Setup::default().grpc("maxRequestBytes: 4096").start().await;
+    let err = env
+        .callback(&format!("code={}", "a".repeat(10_000)), None)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    env.assert_serving().await;
+    // Under the message cap but over the raw_query cap (8 KiB): INVALID_ARGUMENT.
+    let env = Setup::default().start().await;
+    let err = env.callback(&format!("code={}", "a".repeat(9_000)), None).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument);
+    assert_eq!(reason(&err), "MALFORMED_CALLBACK");
+    env.assert_serving().await;
+}
+
+#[tokio::test]
+async fn rpcs_beyond_max_in_flight_are_resource_exhausted() {
+    let env = Setup::default().grpc("maxInFlight: 2").start().await;
+    env.fake.set_delay(Duration::from_millis(300));
+    let mut calls = Vec::new();
+    for _ in 0..6 {
+        let code = env.code("alice");
+        let mut c = env.client();
+        calls.push(tokio::spawn(async move {
+            c.handle_callback(pb::HandleCallbackRequest {
+                raw_query: format!("code={code}"),
+                ..Default::default()
+            })
+            .await
+        }));
+    }
+    let mut ok = 0;
+    let mut exhausted = 0;
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) if e.code() == Code::ResourceExhausted => {
+                assert_eq!(reason(&e), "TOO_MANY_REQUESTS");
+                exhausted += 1
+            }
+            Err(e) => panic!("{e:?}"),
+        }
+    }
+    assert_eq!(ok, 2, "exactly maxInFlight calls are served at once");
+    assert_eq!(exhausted, 4);
+    env.fake.set_delay(Duration::ZERO);
+    env.login("alice", None).await.unwrap();
+}
+
+#[tokio::test]
+async fn default_timeout_bounds_an_rpc_whose_caller_sets_none() {
+    let env = Setup::default().grpc("defaultTimeout: 300ms").start().await;
+    env.fake.inject(Endpoint::User, Fault::Delay(Duration::from_secs(3)), None);
+    let started = std::time::Instant::now();
+    let err = env.login("alice", None).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    env.assert_serving().await;
+}
