@@ -96,6 +96,7 @@ pub fn demo_config(
     fake: &FakeBitbucket,
     fixture: &Fixture,
     addr: SocketAddr,
+    telemetry: Option<SocketAddr>,
     data_key: &str,
 ) -> Result<Config, String> {
     let (Some(client), Some(admin)) = (fixture.clients.first(), fixture.admins.first()) else {
@@ -105,7 +106,7 @@ pub fn demo_config(
         r#"
 grpc:
   addr: "{addr}"
-logger:
+{telemetry}logger:
   level: info
 connectorData:
   keys: ["{data_key}"]
@@ -136,12 +137,15 @@ connectors:
         token = fake.token_url(),
         api = fake.api_url(),
         legacy = fake.legacy_api_url(),
+        telemetry = telemetry
+            .map(|t| format!("telemetry:\n  http: \"{t}\"\n"))
+            .unwrap_or_default(),
     );
     Config::parse(&yaml, &|_| None).map_err(|e| e.to_string())
 }
 
 /// `demo`: the fake Bitbucket plus the service, and a walkthrough to paste.
-pub fn demo(addr: SocketAddr) -> Result<(), String> {
+pub fn demo(addr: SocketAddr, telemetry: Option<SocketAddr>) -> Result<(), String> {
     install_crypto();
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
     runtime()?.block_on(async move {
@@ -149,7 +153,7 @@ pub fn demo(addr: SocketAddr) -> Result<(), String> {
         let fake = FakeBitbucket::start(fixture.clone())
             .await
             .map_err(|e| format!("cannot start the fake Bitbucket: {e}"))?;
-        let cfg = demo_config(&fake, &fixture, addr, &key)?;
+        let cfg = demo_config(&fake, &fixture, addr, telemetry, &key)?;
         telemetry::init_logging(&cfg.logger);
         let listener = Listener::bind(&cfg.grpc.addr).await?;
         let app = App::new(cfg)?;

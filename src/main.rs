@@ -30,6 +30,9 @@ enum Command {
         /// Where the service listens.
         #[arg(long, default_value = "127.0.0.1:5557")]
         addr: std::net::SocketAddr,
+        /// Also serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:5558).
+        #[arg(long)]
+        telemetry: Option<std::net::SocketAddr>,
     },
 }
 
@@ -38,7 +41,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => return bitbucket_connector::cli::check_config(&config),
         Command::Serve { config } => bitbucket_connector::cli::serve(&config),
-        Command::Demo { addr } => bitbucket_connector::cli::demo(addr),
+        Command::Demo { addr, telemetry } => bitbucket_connector::cli::demo(addr, telemetry),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -111,7 +111,8 @@ impl Metrics {
             "ConnectorService RPCs answered, by method and gRPC status code",
             rpc_requests.clone(),
         );
-        let rpc_duration: HistogramFamily<MethodLabels> = Family::new_with_constructor(latency_histogram);
+        let rpc_duration: HistogramFamily<MethodLabels> =
+            Family::new_with_constructor(latency_histogram);
         r.register(
             "rpc_duration_seconds",
             "ConnectorService RPC latency",
@@ -181,11 +182,38 @@ impl Metrics {
         }
     }
 
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics text exposition of every metric.
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+
+    /// The Prometheus text format (0.0.4): as OpenMetrics, but a counter's
+    /// HELP and TYPE lines name it with its `_total` suffix, and no `# EOF`.
+    pub fn encode(&self) -> String {
+        let om = self.encode_openmetrics();
+        let counters: std::collections::HashSet<&str> = om
+            .lines()
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.strip_suffix(" counter"))
+            .collect();
+        let mut out = String::with_capacity(om.len() + 256);
+        for line in om.lines() {
+            if line == "# EOF" || line.starts_with("# UNIT ") {
+                continue;
+            }
+            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
+                let rest = line.strip_prefix(prefix)?;
+                let (name, tail) = rest.split_once(' ')?;
+                counters
+                    .contains(name)
+                    .then(|| format!("{prefix}{name}_total {tail}"))
+            });
+            out.push_str(renamed.as_deref().unwrap_or(line));
+            out.push('\n');
+        }
         out
     }
 
@@ -230,6 +258,9 @@ mod tests {
                 code: "OK",
             })
             .inc();
+        m.rpc_duration
+            .get_or_create(&MethodLabels { method: "LoginURL" })
+            .observe(0.002);
         m.upstream("/2.0/user", UpstreamStatus::Http(200), 0.01);
         m.upstream("/2.0/user", UpstreamStatus::Error, 0.01);
         m.retry("/2.0/user");
@@ -249,8 +280,13 @@ mod tests {
             "bitbucket_connector_build_info{version=\"",
             "# TYPE bitbucket_connector_rpc_duration_seconds histogram",
             "# TYPE bitbucket_connector_upstream_duration_seconds histogram",
+            "# TYPE bitbucket_connector_rpc_requests_total counter",
         ] {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
+        assert!(!text.contains("# EOF"));
+        assert!(m
+            .encode_openmetrics()
+            .contains("# TYPE bitbucket_connector_rpc_requests counter"));
     }
 }

@@ -6,5 +6,6 @@ mod harness;
 mod cli;
 mod foundation;
 mod login;
+mod operate;
 mod refresh;
 mod security;

@@ -45,10 +45,15 @@ def wait_serving(addr, proc, timeout=15.0):
 
 
 class Demo:
-    def __init__(self):
+    def __init__(self, telemetry=False):
         self.addr = f"127.0.0.1:{free_port()}"
+        args = [BIN, "demo", "--addr", self.addr]
+        self.telemetry = None
+        if telemetry:
+            self.telemetry = f"127.0.0.1:{free_port()}"
+            args += ["--telemetry", self.telemetry]
         self.proc = subprocess.Popen(
-            [BIN, "demo", "--addr", self.addr],
+            args,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
@@ -93,3 +98,10 @@ def stubs(tmp_path_factory):
         importlib.import_module("connector.v1.connector_pb2"),
         importlib.import_module("connector.v1.connector_pb2_grpc"),
     )
+
+
+@pytest.fixture
+def demo_with_metrics():
+    d = Demo(telemetry=True)
+    yield d
+    d.stop()

@@ -153,3 +153,41 @@ def test_python_host_example_runs_green(demo):
     )
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.strip().endswith("OK")
+
+
+def test_metrics_parse_with_prometheus_client(demo_with_metrics, stubs):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    d = demo_with_metrics
+    pb, rpc = stubs
+    with grpc.insecure_channel(d.addr) as ch:
+        stub = rpc.ConnectorServiceStub(ch)
+        url = stub.LoginURL(pb.LoginURLRequest(callback_url=REDIRECT_URI, state="m")).url
+        query = urllib.parse.urlsplit(follow_authorize(url)).query
+        stub.HandleCallback(pb.HandleCallbackRequest(raw_query=query, scopes=pb.Scopes(groups=True)))
+        with pytest.raises(grpc.RpcError):
+            stub.LoginURL(pb.LoginURLRequest(callback_url="http://wrong/", state="m"))
+    text = urllib.request.urlopen(f"http://{d.telemetry}/metrics", timeout=5).read().decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+
+    def value(family, sample_name, **labels):
+        for s in families[family].samples:
+            if s.name == sample_name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return s.value
+        raise AssertionError(f"no {sample_name} {labels} in\n{text}")
+
+    rpc_total = "bitbucket_connector_rpc_requests"
+    assert value(rpc_total, rpc_total + "_total", method="HandleCallback", code="OK") == 1
+    assert value(rpc_total, rpc_total + "_total", method="LoginURL", code="OK") == 1
+    assert value(rpc_total, rpc_total + "_total", method="LoginURL", code="INVALID_ARGUMENT") == 1
+    up = "bitbucket_connector_upstream_requests"
+    assert value(up, up + "_total", endpoint="/2.0/user", status="200") == 1
+    assert value(up, up + "_total", endpoint="/2.0/user/workspaces/{workspace}/permission", status="200") == 3
+    for fam, kind in [
+        ("bitbucket_connector_rpc_duration_seconds", "histogram"),
+        ("bitbucket_connector_upstream_duration_seconds", "histogram"),
+        ("bitbucket_connector_rpc_in_flight", "gauge"),
+        ("bitbucket_connector_build_info", "gauge"),
+    ]:
+        assert families[fam].type == kind, fam
+    assert urllib.request.urlopen(f"http://{d.telemetry}/readyz", timeout=5).status == 200
