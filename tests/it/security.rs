@@ -33,7 +33,9 @@ impl Pki {
     /// (certificate PEM, key PEM) for these names.
     pub fn leaf(&self, names: &[&str]) -> (String, String) {
         let key = KeyPair::generate().unwrap();
-        let params = CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        let params =
+            CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     }
@@ -54,12 +56,19 @@ impl TlsSetup {
         std::fs::write(dir.path().join("tls.crt"), cert).unwrap();
         std::fs::write(dir.path().join("tls.key"), key).unwrap();
         std::fs::write(dir.path().join("client-ca.crt"), &client_ca.ca_pem).unwrap();
-        TlsSetup { dir, server_ca, client_ca }
+        TlsSetup {
+            dir,
+            server_ca,
+            client_ca,
+        }
     }
 
     pub fn grpc_lines(&self, mtls: bool) -> Vec<String> {
         let p = |f: &str| self.dir.path().join(f).display().to_string();
-        let mut v = vec![format!("tlsCert: {}", p("tls.crt")), format!("tlsKey: {}", p("tls.key"))];
+        let mut v = vec![
+            format!("tlsCert: {}", p("tls.crt")),
+            format!("tlsKey: {}", p("tls.key")),
+        ];
         if mtls {
             v.push(format!("tlsClientCA: {}", p("client-ca.crt")));
         }
@@ -67,7 +76,11 @@ impl TlsSetup {
     }
 }
 
-async fn tls_channel(env: &Env, ca_pem: &str, client: Option<(String, String)>) -> Result<Channel, tonic::transport::Error> {
+async fn tls_channel(
+    env: &Env,
+    ca_pem: &str,
+    client: Option<(String, String)>,
+) -> Result<Channel, tonic::transport::Error> {
     let mut tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(ca_pem))
         .domain_name("localhost");
@@ -84,7 +97,9 @@ async fn tls_channel(env: &Env, ca_pem: &str, client: Option<(String, String)>) 
 
 async fn check(channel: Channel) -> Result<i32, tonic::Status> {
     HealthClient::new(channel)
-        .check(HealthCheckRequest { service: String::new() })
+        .check(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .map(|r| r.into_inner().status)
 }
@@ -99,7 +114,9 @@ async fn start_tls(tls: &TlsSetup, mtls: bool) -> Env {
 async fn tls_serves_to_a_client_that_verifies_the_certificate() {
     let tls = TlsSetup::new();
     let env = start_tls(&tls, false).await;
-    let ch = tls_channel(&env, &tls.server_ca.ca_pem, None).await.unwrap();
+    let ch = tls_channel(&env, &tls.server_ca.ca_pem, None)
+        .await
+        .unwrap();
     assert_eq!(check(ch.clone()).await.unwrap(), 1);
     let url = ConnectorServiceClient::new(ch)
         .login_url(pb::LoginUrlRequest {
@@ -134,7 +151,9 @@ async fn mtls_refuses_clients_without_a_certificate_from_the_client_ca() {
     assert!(!rogue_ok, "a client signed by another CA was served");
     // The right client certificate: served.
     let good = tls.client_ca.leaf(&["identity-server"]);
-    let ch = tls_channel(&env, &tls.server_ca.ca_pem, Some(good)).await.unwrap();
+    let ch = tls_channel(&env, &tls.server_ca.ca_pem, Some(good))
+        .await
+        .unwrap();
     assert_eq!(check(ch).await.unwrap(), 1);
 }
 
@@ -145,7 +164,8 @@ fn with_token(token: Option<&str>) -> tonic::Request<pb::LoginUrlRequest> {
         ..Default::default()
     });
     if let Some(t) = token {
-        req.metadata_mut().insert("authorization", t.parse().unwrap());
+        req.metadata_mut()
+            .insert("authorization", t.parse().unwrap());
     }
     req
 }
@@ -160,18 +180,36 @@ async fn bearer_tokens_guard_the_connector_but_not_health_or_reflection() {
     let err = c.login_url(with_token(None)).await.unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(reason(&err), "MISSING_CREDENTIALS");
-    let err = c.login_url(with_token(Some("Bearer wrong-token-value"))).await.unwrap_err();
+    let err = c
+        .login_url(with_token(Some("Bearer wrong-token-value")))
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::Unauthenticated);
     assert_eq!(reason(&err), "INVALID_CREDENTIALS");
     assert!(!err.message().contains("first-token-value"));
-    let err = c.login_url(with_token(Some("first-token-value"))).await.unwrap_err();
-    assert_eq!(err.code(), Code::Unauthenticated, "the Bearer scheme is required");
-    c.login_url(with_token(Some("Bearer first-token-value"))).await.unwrap();
-    c.login_url(with_token(Some("Bearer second-token-value"))).await.unwrap();
+    let err = c
+        .login_url(with_token(Some("first-token-value")))
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        Code::Unauthenticated,
+        "the Bearer scheme is required"
+    );
+    c.login_url(with_token(Some("Bearer first-token-value")))
+        .await
+        .unwrap();
+    c.login_url(with_token(Some("Bearer second-token-value")))
+        .await
+        .unwrap();
     // Orchestrators and `grpcurl list` need no token.
     assert_eq!(env.health_status("").await.unwrap(), 1);
     let mut h = HealthClient::new(env.channel.clone());
-    h.check(HealthCheckRequest { service: String::new() }).await.unwrap();
+    h.check(HealthCheckRequest {
+        service: String::new(),
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
@@ -185,7 +223,10 @@ async fn an_oversized_request_is_resource_exhausted_and_the_server_stays_up() {
     env.assert_serving().await;
     // Under the message cap but over the raw_query cap (8 KiB): INVALID_ARGUMENT.
     let env = Setup::default().start().await;
-    let err = env.callback(&format!("code={}", "a".repeat(9_000)), None).await.unwrap_err();
+    let err = env
+        .callback(&format!("code={}", "a".repeat(9_000)), None)
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), Code::InvalidArgument);
     assert_eq!(reason(&err), "MALFORMED_CALLBACK");
     env.assert_serving().await;
@@ -228,13 +269,102 @@ async fn rpcs_beyond_max_in_flight_are_resource_exhausted() {
 #[tokio::test]
 async fn default_timeout_bounds_an_rpc_whose_caller_sets_none() {
     let env = Setup::default().grpc("defaultTimeout: 300ms").start().await;
-    env.fake.inject(Endpoint::User, Fault::Delay(Duration::from_secs(3)), None);
+    env.fake
+        .inject(Endpoint::User, Fault::Delay(Duration::from_secs(3)), None);
     let started = std::time::Instant::now();
     let err = env.login("alice", None).await.unwrap_err();
     assert!(
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{err:?}"
     );
-    assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
     env.assert_serving().await;
+}
+
+/// New certificates are picked up on SIGHUP without dropping the server or
+/// its open connections.
+#[tokio::test]
+async fn certificates_reload_on_sighup_without_dropping_connections() {
+    use bitbucket_connector::fake_bitbucket::{FakeBitbucket, Fixture};
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let tls = TlsSetup::new();
+    let port = free_port().port();
+    let lines = tls.grpc_lines(false).join("\n  ");
+    let config = format!(
+        "grpc:\n  addr: 127.0.0.1:{port}\n  {lines}\nconnectorData:\n  keys: [{KEY_A}]\nconnectors:\n- type: bitbucket-cloud\n  id: bb\n  config:\n    clientID: {CLIENT_ID}\n    clientSecret: {CLIENT_SECRET}\n    redirectURI: {REDIRECT}\n    apiURL: {}\n",
+        fake.api_url()
+    );
+    let cfg_path = tls.dir.path().join("config.yaml");
+    std::fs::write(&cfg_path, config).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-connector"))
+        .args(["serve", "-c"])
+        .arg(&cfg_path)
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let probe = port;
+    let mut old_channel = None;
+    for _ in 0..100 {
+        if let Ok(ch) = tls_channel_to(probe, &tls.server_ca.ca_pem).await {
+            old_channel = Some(ch);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let old_channel = old_channel.expect("the TLS server did not come up");
+    assert_eq!(check(old_channel.clone()).await.unwrap(), 1);
+
+    let new_ca = Pki::new("rotated CA");
+    let (cert, key) = new_ca.leaf(&["localhost"]);
+    std::fs::write(tls.dir.path().join("tls.crt"), cert).unwrap();
+    std::fs::write(tls.dir.path().join("tls.key"), key).unwrap();
+    let pid = child.id().unwrap().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    let mut rotated = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        if let Ok(ch) = tls_channel_to(probe, &new_ca.ca_pem).await {
+            assert_eq!(check(ch).await.unwrap(), 1);
+            rotated = true;
+            break;
+        }
+    }
+    assert!(rotated, "the new certificate was not served after SIGHUP");
+    assert!(
+        tls_channel_to(probe, &tls.server_ca.ca_pem).await.is_err(),
+        "new connections still get the old certificate"
+    );
+    assert_eq!(
+        check(old_channel).await.unwrap(),
+        1,
+        "an open connection was dropped"
+    );
+    assert!(child.try_wait().unwrap().is_none(), "the server exited");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert_eq!(child.wait().await.unwrap().code(), Some(0));
+}
+
+async fn tls_channel_to(port: u16, ca_pem: &str) -> Result<Channel, tonic::transport::Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca_pem))
+        .domain_name("localhost");
+    Channel::from_shared(format!("https://localhost:{port}"))
+        .unwrap()
+        .tls_config(tls)?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await
 }
