@@ -265,7 +265,12 @@ impl Walker<'_> {
     }
 
     /// A mapping with only `allowed` keys; `null` counts as empty.
-    fn object<'v>(&mut self, path: &str, v: Option<&'v Value>, allowed: &[&str]) -> Option<&'v Map> {
+    fn object<'v>(
+        &mut self,
+        path: &str,
+        v: Option<&'v Value>,
+        allowed: &[&str],
+    ) -> Option<&'v Map> {
         static EMPTY: std::sync::OnceLock<Map> = std::sync::OnceLock::new();
         match v {
             None | Some(Value::Null) => Some(EMPTY.get_or_init(Map::new)),
@@ -283,7 +288,10 @@ impl Walker<'_> {
                 Some(m)
             }
             Some(other) => {
-                self.err(path, format!("expected a mapping, got {}", type_name(other)));
+                self.err(
+                    path,
+                    format!("expected a mapping, got {}", type_name(other)),
+                );
                 None
             }
         }
@@ -333,7 +341,10 @@ impl Walker<'_> {
             None | Some(Value::Null) => default,
             Some(Value::Bool(b)) => *b,
             Some(other) => {
-                self.err(path, format!("expected true or false, got {}", type_name(other)));
+                self.err(
+                    path,
+                    format!("expected true or false, got {}", type_name(other)),
+                );
                 default
             }
         }
@@ -358,7 +369,10 @@ impl Walker<'_> {
             Some(Value::Number(n)) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
                 Some(n) if n >= min => n,
                 _ => {
-                    self.err(path, format!("expected a whole number of at least {min}, got {n}"));
+                    self.err(
+                        path,
+                        format!("expected a whole number of at least {min}, got {n}"),
+                    );
                     default
                 }
             },
@@ -480,7 +494,10 @@ impl Walker<'_> {
             _ => {}
         }
         if tls_client_ca.is_some() && tls_cert.is_none() {
-            self.err("grpc.tlsClientCA", "needs grpc.tlsCert and grpc.tlsKey (mTLS is TLS)");
+            self.err(
+                "grpc.tlsClientCA",
+                "needs grpc.tlsCert and grpc.tlsKey (mTLS is TLS)",
+            );
         }
         if matches!(addr, ListenAddr::Unix(_)) && tls_cert.is_some() {
             self.err("grpc.tlsCert", "TLS is not supported on a unix socket");
@@ -502,7 +519,12 @@ impl Walker<'_> {
                 m.get("shutdownTimeout"),
                 Duration::from_secs(10),
             ),
-            max_request_bytes: self.usize("grpc.maxRequestBytes", m.get("maxRequestBytes"), 64 * 1024, 1024),
+            max_request_bytes: self.usize(
+                "grpc.maxRequestBytes",
+                m.get("maxRequestBytes"),
+                64 * 1024,
+                1024,
+            ),
             max_in_flight: self.usize("grpc.maxInFlight", m.get("maxInFlight"), 1024, 1),
             default_timeout: self.duration(
                 "grpc.defaultTimeout",
@@ -589,14 +611,22 @@ impl Walker<'_> {
                 Err(e) => self.err(&p, e),
             }
         }
-        if cfg.keys.is_empty() && !self.errors.iter().any(|e| e.starts_with("connectorData.keys")) {
+        if cfg.keys.is_empty()
+            && !self
+                .errors
+                .iter()
+                .any(|e| e.starts_with("connectorData.keys"))
+        {
             self.err(
                 "connectorData.keys",
                 "required: at least one key (base64 of 32 random bytes, e.g. `openssl rand -base64 32`)",
             );
         }
-        cfg.accept_dex_plaintext =
-            self.bool("connectorData.acceptDexPlaintext", m.get("acceptDexPlaintext"), false);
+        cfg.accept_dex_plaintext = self.bool(
+            "connectorData.acceptDexPlaintext",
+            m.get("acceptDexPlaintext"),
+            false,
+        );
         cfg
     }
 
@@ -606,7 +636,10 @@ impl Walker<'_> {
             return Vec::new();
         }
         if items.is_empty() {
-            self.err("connectors", "at least one bitbucket-cloud connector is required");
+            self.err(
+                "connectors",
+                "at least one bitbucket-cloud connector is required",
+            );
         }
         let mut out = Vec::new();
         let mut ids = HashSet::new();
@@ -614,7 +647,10 @@ impl Walker<'_> {
             let p = format!("connectors[{i}]");
             if let Some(c) = self.connector(&p, item) {
                 if !ids.insert(c.id.clone()) {
-                    self.err(&join(&p, "id"), format!("duplicate connector id {:?}", c.id));
+                    self.err(
+                        &join(&p, "id"),
+                        format!("duplicate connector id {:?}", c.id),
+                    );
                 }
                 out.push(c);
             }
@@ -673,7 +709,8 @@ impl Walker<'_> {
             }
         }
         let teams = self.string_list(&k("teams"), c.get("teams"), true);
-        let include_team_groups = self.bool(&k("includeTeamGroups"), c.get("includeTeamGroups"), false);
+        let include_team_groups =
+            self.bool(&k("includeTeamGroups"), c.get("includeTeamGroups"), false);
         let get_workspace_permissions = self.bool(
             &k("getWorkspacePermissions"),
             c.get("getWorkspacePermissions"),
@@ -682,16 +719,18 @@ impl Walker<'_> {
         let ap = k("teamGroupsAuth");
         let team_groups_auth = match c.get("teamGroupsAuth") {
             None | Some(Value::Null) => None,
-            some => self.object(&ap, some, &["username", "password"]).and_then(|a| {
-                let u = self.string(&join(&ap, "username"), a.get("username"));
-                let u = self.required(&join(&ap, "username"), u);
-                let pw = self.string(&join(&ap, "password"), a.get("password"));
-                let pw = self.required(&join(&ap, "password"), pw);
-                (!u.is_empty() && !pw.is_empty()).then(|| BasicAuth {
-                    username: u,
-                    password: Secret::new(pw),
-                })
-            }),
+            some => self
+                .object(&ap, some, &["username", "password"])
+                .and_then(|a| {
+                    let u = self.string(&join(&ap, "username"), a.get("username"));
+                    let u = self.required(&join(&ap, "username"), u);
+                    let pw = self.string(&join(&ap, "password"), a.get("password"));
+                    let pw = self.required(&join(&ap, "password"), pw);
+                    (!u.is_empty() && !pw.is_empty()).then(|| BasicAuth {
+                        username: u,
+                        password: Secret::new(pw),
+                    })
+                }),
         };
         let team_groups_cache_ttl = self.duration(
             &k("teamGroupsCacheTTL"),
@@ -712,7 +751,11 @@ impl Walker<'_> {
             auth_url: self.url(&k("authURL"), c.get("authURL"), DEFAULT_AUTH_URL),
             token_url: self.url(&k("tokenURL"), c.get("tokenURL"), DEFAULT_TOKEN_URL),
             api_url: self.url(&k("apiURL"), c.get("apiURL"), DEFAULT_API_URL),
-            legacy_api_url: self.url(&k("legacyAPIURL"), c.get("legacyAPIURL"), DEFAULT_LEGACY_API_URL),
+            legacy_api_url: self.url(
+                &k("legacyAPIURL"),
+                c.get("legacyAPIURL"),
+                DEFAULT_LEGACY_API_URL,
+            ),
             upstream_timeout: self.duration(
                 &k("upstreamTimeout"),
                 c.get("upstreamTimeout"),
@@ -970,7 +1013,10 @@ connectors:
             "connectors[1].id: duplicate connector id \"a\"",
         ];
         for w in want {
-            assert!(errs.iter().any(|e| e.starts_with(w)), "missing {w:?} in {errs:#?}");
+            assert!(
+                errs.iter().any(|e| e.starts_with(w)),
+                "missing {w:?} in {errs:#?}"
+            );
         }
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
     }
@@ -978,8 +1024,12 @@ connectors:
     #[test]
     fn an_empty_file_names_what_is_required() {
         let errs = Config::parse("", &env).unwrap_err().0;
-        assert!(errs.iter().any(|e| e.starts_with("connectorData.keys: required")));
-        assert!(errs.iter().any(|e| e.starts_with("connectors: at least one")));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("connectorData.keys: required")));
+        assert!(errs
+            .iter()
+            .any(|e| e.starts_with("connectors: at least one")));
     }
 
     #[test]
@@ -1003,12 +1053,20 @@ connectors:
 
     #[test]
     fn env_expansion_rules() {
-        assert_eq!(expand_env("a$ID-${ID}b", &env).unwrap(), "aclient-id-client-idb");
+        assert_eq!(
+            expand_env("a$ID-${ID}b", &env).unwrap(),
+            "aclient-id-client-idb"
+        );
         assert_eq!(expand_env("cost $$5", &env).unwrap(), "cost $5");
         assert_eq!(expand_env("trailing $", &env).unwrap(), "trailing $");
-        assert!(expand_env("$MISSING", &env).unwrap_err().contains("$MISSING"));
+        assert!(expand_env("$MISSING", &env)
+            .unwrap_err()
+            .contains("$MISSING"));
         assert!(expand_env("${ID", &env).is_err());
-        assert_eq!(expand_env("ünïcode $ID", &env).unwrap(), "ünïcode client-id");
+        assert_eq!(
+            expand_env("ünïcode $ID", &env).unwrap(),
+            "ünïcode client-id"
+        );
     }
 
     #[test]
@@ -1017,7 +1075,10 @@ connectors:
             parse_listen_addr("unix:/tmp/x.sock"),
             Ok(ListenAddr::Unix("/tmp/x.sock".into()))
         );
-        assert!(matches!(parse_listen_addr("[::1]:5557"), Ok(ListenAddr::Tcp(_))));
+        assert!(matches!(
+            parse_listen_addr("[::1]:5557"),
+            Ok(ListenAddr::Tcp(_))
+        ));
         assert!(matches!(parse_listen_addr(":5557"), Ok(ListenAddr::Tcp(_))));
         assert!(parse_listen_addr("example.com:5557").is_err());
     }
@@ -1026,6 +1087,9 @@ connectors:
     fn keys_accept_both_base64_alphabets() {
         let std_key = "+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/+/8=";
         let url_key = "-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_-_8";
-        assert_eq!(decode_key(std_key).unwrap().0, decode_key(url_key).unwrap().0);
+        assert_eq!(
+            decode_key(std_key).unwrap().0,
+            decode_key(url_key).unwrap().0
+        );
     }
 }

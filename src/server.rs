@@ -22,8 +22,8 @@ use crate::grpc::{self, Service};
 use crate::metrics::Metrics;
 use crate::pb::connector_service_server::ConnectorServiceServer;
 use crate::sealing::Sealer;
-use crate::tls::{ReloadableTls, TlsFiles};
 use crate::secret::Secret;
+use crate::tls::{ReloadableTls, TlsFiles};
 use crate::{bitbucket, pb, telemetry};
 
 pub const SERVICE_NAME: &str = "connector.v1.ConnectorService";

@@ -57,7 +57,12 @@ impl ReloadableTls {
     }
 
     fn acceptor(&self) -> TlsAcceptor {
-        TlsAcceptor::from(self.current.read().unwrap_or_else(|e| e.into_inner()).clone())
+        TlsAcceptor::from(
+            self.current
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone(),
+        )
     }
 
     /// Reloads on SIGHUP and when a file's modification time changes.
@@ -84,24 +89,35 @@ impl ReloadableTls {
             };
             match self.reload() {
                 Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
-                Err(e) => tracing::error!(trigger = why, error = %e, "TLS reload failed; the previous certificates stay in use"),
+                Err(e) => {
+                    tracing::error!(trigger = why, error = %e, "TLS reload failed; the previous certificates stay in use")
+                }
             }
         }
     }
 }
 
 fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
-    [Some(&files.cert), Some(&files.key), files.client_ca.as_ref()]
-        .into_iter()
-        .flatten()
-        .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
-        .collect()
+    [
+        Some(&files.cert),
+        Some(&files.key),
+        files.client_ca.as_ref(),
+    ]
+    .into_iter()
+    .flatten()
+    .map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+    .collect()
 }
 
 fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{key}: cannot read certificates from {}: {e}", path.display()))?;
+        .map_err(|e| {
+            format!(
+                "{key}: cannot read certificates from {}: {e}",
+                path.display()
+            )
+        })?;
     if certs.is_empty() {
         return Err(format!("{key}: no PEM certificate in {}", path.display()));
     }
@@ -111,8 +127,12 @@ fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, St
 fn build(files: &TlsFiles) -> Result<ServerConfig, String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs("grpc.tlsCert", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .map_err(|e| format!("grpc.tlsKey: cannot read a private key from {}: {e}", files.key.display()))?;
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
+        format!(
+            "grpc.tlsKey: cannot read a private key from {}: {e}",
+            files.key.display()
+        )
+    })?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS: {e}"))?;

@@ -46,13 +46,24 @@ fn check_config_prints_every_problem_and_exits_1() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     let lines: Vec<&str> = stderr.lines().collect();
     assert_eq!(lines.len(), 3, "{stderr}");
-    assert!(lines[0].ends_with("grpc.shutdownTimeot: unknown key"), "{stderr}");
     assert!(
-        lines[1].ends_with("connectorData.keys[0]: environment variable $TEST_UNSET_KEY_VARIABLE is not set"),
+        lines[0].ends_with("grpc.shutdownTimeot: unknown key"),
         "{stderr}"
     );
-    assert!(lines[2].contains("connectors[0].config.redirectURI: \"not-a-url\" is not an absolute URL"), "{stderr}");
-    assert!(!stderr.contains("hunter2"), "a secret was printed: {stderr}");
+    assert!(
+        lines[1].ends_with(
+            "connectorData.keys[0]: environment variable $TEST_UNSET_KEY_VARIABLE is not set"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        lines[2].contains("connectors[0].config.redirectURI: \"not-a-url\" is not an absolute URL"),
+        "{stderr}"
+    );
+    assert!(
+        !stderr.contains("hunter2"),
+        "a secret was printed: {stderr}"
+    );
     assert!(out.stdout.is_empty());
 }
 
@@ -68,9 +79,17 @@ fn check_config_summarises_a_good_config_without_secrets() {
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(stdout.lines().count(), 1, "{stdout}");
-    assert!(stdout.contains("\"bitbucket-cloud\"") && stdout.contains("the-client-id"), "{stdout}");
+    assert!(
+        stdout.contains("\"bitbucket-cloud\"") && stdout.contains("the-client-id"),
+        "{stdout}"
+    );
     assert!(!stdout.contains("the-very-secret-secret") && !stdout.contains(KEY_A));
 }
 
@@ -101,7 +120,10 @@ fn serve_refuses_a_taken_port_with_one_clear_line() {
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     let last = stderr.lines().last().unwrap_or_default();
-    assert!(last.contains(&format!("grpc.addr: cannot listen on {addr}")), "{stderr}");
+    assert!(
+        last.contains(&format!("grpc.addr: cannot listen on {addr}")),
+        "{stderr}"
+    );
 }
 
 #[test]
@@ -117,7 +139,11 @@ fn serve_reads_the_config_path_from_the_environment() {
 
 async fn wait_serving(health: &mut HealthClient<Channel>) {
     for _ in 0..300 {
-        let r = health.check(HealthCheckRequest { service: String::new() }).await;
+        let r = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
         if r.is_ok_and(|r| r.into_inner().status == 1) {
             return;
         }
@@ -132,7 +158,11 @@ async fn wait_serving(health: &mut HealthClient<Channel>) {
 async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
     let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
     let addr = free_port();
-    let f = write_config(&config_for(&fake, &addr.to_string(), "logger:\n  format: json\n"));
+    let f = write_config(&config_for(
+        &fake,
+        &addr.to_string(),
+        "logger:\n  format: json\n",
+    ));
     let mut child = tokio::process::Command::new(BIN)
         .args(["serve", "-c"])
         .arg(f.path())
@@ -143,18 +173,26 @@ async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}")).unwrap().connect_lazy();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
     let mut health = HealthClient::new(channel.clone());
     wait_serving(&mut health).await;
 
     let mut watch = health
-        .watch(HealthCheckRequest { service: String::new() })
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(watch.message().await.unwrap().unwrap().status, 1);
 
-    fake.inject(Endpoint::User, Fault::Delay(Duration::from_millis(800)), Some(1));
+    fake.inject(
+        Endpoint::User,
+        Fault::Delay(Duration::from_millis(800)),
+        Some(1),
+    );
     let code = fake.issue_code(CLIENT_ID, "alice");
     let login = tokio::spawn(async move {
         ConnectorServiceClient::new(channel)
@@ -166,20 +204,38 @@ async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
 
     let flipped = tokio::time::timeout(Duration::from_secs(5), watch.message()).await;
-    assert_eq!(flipped.unwrap().unwrap().unwrap().status, 2, "health did not go NOT_SERVING");
-    let identity = login.await.unwrap().expect("the in-flight login must complete");
+    assert_eq!(
+        flipped.unwrap().unwrap().unwrap().status,
+        2,
+        "health did not go NOT_SERVING"
+    );
+    let identity = login
+        .await
+        .unwrap()
+        .expect("the in-flight login must complete");
     assert_eq!(identity.into_inner().identity.unwrap().username, "alice");
 
-    let status = tokio::time::timeout(Duration::from_secs(10), child.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(10), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(status.code(), Some(0));
     let out = child.wait_with_output().await.unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
     assert!(logs.lines().count() >= 3, "{logs}");
-    for line in logs.lines().chain(String::from_utf8_lossy(&out.stdout).lines()) {
-        serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+    for line in logs
+        .lines()
+        .chain(String::from_utf8_lossy(&out.stdout).lines())
+    {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
     }
 }
 
