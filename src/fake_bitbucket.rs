@@ -29,7 +29,9 @@ mod schema;
 mod tests;
 
 pub use fixture::{
-    AdminCredential, Email, Fixture, Group, Membership, OAuthClient, User, Workspace,
+    AdminCredential, Email, Fixture, Group, Membership, OAuthClient, User, Workspace, ALICE_UUID,
+    BOB_UUID, DEMO_ADMIN_PASSWORD, DEMO_ADMIN_USERNAME, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET,
+    DEMO_REDIRECT_URI,
 };
 
 use std::collections::HashMap;
