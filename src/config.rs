@@ -201,8 +201,13 @@ impl Config {
         let tree: Value = if text.trim().is_empty() {
             Value::Object(Default::default())
         } else {
-            serde_saphyr::from_str(text)
-                .map_err(|e| ConfigErrors(vec![format!("invalid YAML: {e}")]))?
+            // YAML 1.2 booleans (a secret `on` or `yes` stays a string), and
+            // errors without the snippet of the file (it may hold a secret).
+            let mut options = serde_saphyr::Options::default();
+            options.strict_booleans = true;
+            options.with_snippet = false;
+            serde_saphyr::from_str_with_options(text, options)
+                .map_err(|e| ConfigErrors(vec![yaml_error(&e.to_string())]))?
         };
         let mut w = Walker {
             errors: Vec::new(),
@@ -231,6 +236,14 @@ impl Config {
         }
         errs
     }
+}
+
+/// The parser's first line only: its rendering quotes lines of the file,
+/// which may hold a secret.
+fn yaml_error(e: &str) -> String {
+    let first = e.lines().next().unwrap_or_default().trim();
+    let first = first.strip_prefix("error: ").unwrap_or(first);
+    format!("invalid YAML: {first}")
 }
 
 struct Walker<'a> {
@@ -323,6 +336,10 @@ impl Walker<'_> {
     }
 
     fn required(&mut self, path: &str, v: Option<String>) -> String {
+        let reported = format!("{path}: ");
+        if v.is_none() && self.errors.iter().any(|e| e.starts_with(&reported)) {
+            return String::new();
+        }
         match v {
             Some(s) if !s.trim().is_empty() => s,
             Some(_) => {
@@ -999,7 +1016,7 @@ connectors:
     redirectURI: /callback
 - type: bitbucket-cloud
   id: a
-  config: {clientID: x, clientSecret: y, redirectURI: "https://x/cb"}
+  config: {clientID: x, clientSecret: on, redirectURI: "https://x/cb"}
 "#;
         let errs = Config::parse(text, &env).unwrap_err().0;
         let want = [
@@ -1091,5 +1108,58 @@ connectors:
             decode_key(std_key).unwrap().0,
             decode_key(url_key).unwrap().0
         );
+    }
+}
+
+/// Property tests: `cargo test --lib fuzz_` (PROPTEST_CASES=N for more).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    const GOOD: &str = "grpc:\n  addr: 127.0.0.1:5557\nconnectorData:\n  keys: [AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=]\nconnectors:\n- type: bitbucket-cloud\n  id: bb\n  config:\n    clientID: id\n    clientSecret: top-secret-value\n    redirectURI: http://127.0.0.1:5556/cb\n    teams: [a]\n    teamGroupsCacheTTL: 60s\n";
+
+    fn no_env(_: &str) -> Option<String> {
+        None
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1000))]
+
+        #[test]
+        fn fuzz_arbitrary_text_never_panics(text in ".{0,400}") {
+            let _ = Config::parse(&text, &no_env);
+        }
+
+        /// Any one line of a good config replaced by junk: either still valid,
+        /// or every problem is a `path: reason` line, and the secret never shows.
+        #[test]
+        fn fuzz_mutated_configs_report_problems_with_paths(line in 0usize..14, junk in "[ -~]{0,30}") {
+            let mut lines: Vec<String> = GOOD.lines().map(str::to_string).collect();
+            let i = line % lines.len();
+            let indent: String = lines[i].chars().take_while(|c| *c == ' ').collect();
+            lines[i] = format!("{indent}{junk}");
+            let text = lines.join("\n");
+            match Config::parse(&text, &no_env) {
+                Ok(_) => {}
+                Err(ConfigErrors(errs)) => {
+                    prop_assert!(!errs.is_empty());
+                    for e in &errs {
+                        prop_assert!(e.contains(": "), "{}", e);
+                        prop_assert!(!e.contains("top-secret-value"), "{}", e);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn fuzz_durations_never_panic(s in ".{0,30}") {
+            let _ = parse_go_duration(&s);
+        }
+
+        #[test]
+        fn fuzz_env_expansion_never_panics(s in ".{0,60}") {
+            let _ = expand_env(&s, &|n: &str| (n.len() % 2 == 0).then(|| "v".to_string()));
+        }
     }
 }

@@ -942,3 +942,46 @@ mod tests {
         assert!(off.get("w").is_none());
     }
 }
+
+/// Property tests: `cargo test --lib fuzz_` (PROPTEST_CASES=N for more).
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn fuzz_raw_query_parsing_never_panics(q in ".{0,300}") {
+            let _ = parse_callback(&q);
+        }
+
+        #[test]
+        fn fuzz_raw_query_bytes_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let q = String::from_utf8_lossy(&bytes);
+            let _ = parse_callback(&q);
+        }
+
+        #[test]
+        fn fuzz_any_code_round_trips_through_the_query(code in "[^\\x00]{1,100}", state in ".{0,50}") {
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("state", &state)
+                .append_pair("code", &code)
+                .finish();
+            prop_assert_eq!(parse_callback(&q).unwrap(), code);
+        }
+
+        #[test]
+        fn fuzz_callback_errors_keep_their_text_but_no_control_characters(e in "[a-z_]{1,30}", d in ".{0,100}") {
+            let q: String = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("error", &e)
+                .append_pair("error_description", &d)
+                .finish();
+            let msg = parse_callback(&q).unwrap_err().to_string();
+            let prefix = format!("bitbucket: {}", e);
+            prop_assert!(msg.starts_with(&prefix));
+            prop_assert!(!msg.chars().any(|c| c.is_control()));
+        }
+    }
+}

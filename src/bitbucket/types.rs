@@ -110,3 +110,77 @@ mod tests {
         assert!(g[0].members.is_empty());
     }
 }
+
+/// Property tests on decoding arbitrary JSON: `cargo test --lib fuzz_`.
+#[cfg(test)]
+mod fuzz {
+    use super::*;
+    use proptest::prelude::*;
+    use serde_json::Value;
+
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(|n| Value::Number(n.into())),
+            ".{0,20}".prop_map(Value::String),
+            prop_oneof![Just("values"), Just("Values"), Just("next"), Just("uuid"), Just("slug")]
+                .prop_map(|s| Value::String(s.to_string())),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            let key = prop_oneof![
+                Just("values".to_string()),
+                Just("Values".to_string()),
+                Just("next".to_string()),
+                Just("uuid".to_string()),
+                Just("slug".to_string()),
+                Just("workspace".to_string()),
+                Just("members".to_string()),
+                Just("email".to_string()),
+                Just("is_primary".to_string()),
+                Just("is_confirmed".to_string()),
+                Just("permission".to_string()),
+                "[a-z_]{1,10}",
+            ];
+            prop_oneof![
+                proptest::collection::vec(inner.clone(), 0..6).prop_map(Value::Array),
+                proptest::collection::btree_map(key, inner, 0..6)
+                    .prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2000))]
+
+        #[test]
+        fn fuzz_decoding_bitbucket_json_never_panics(v in json()) {
+            let bytes = serde_json::to_vec(&v).unwrap();
+            let _ = serde_json::from_slice::<ApiUser>(&bytes);
+            let _ = serde_json::from_slice::<Page<ApiEmail>>(&bytes);
+            let _ = serde_json::from_slice::<Page<ApiWorkspaceAccess>>(&bytes);
+            let _ = serde_json::from_slice::<ApiWorkspacePermission>(&bytes);
+            let _ = serde_json::from_slice::<Vec<ApiGroup>>(&bytes);
+        }
+
+        #[test]
+        fn fuzz_decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let _ = serde_json::from_slice::<Page<ApiWorkspaceAccess>>(&bytes);
+            let _ = serde_json::from_slice::<Vec<ApiGroup>>(&bytes);
+            let _ = serde_json::from_slice::<ApiUser>(&bytes);
+        }
+
+        #[test]
+        fn fuzz_well_formed_pages_decode_entry_for_entry(slugs in proptest::collection::vec("[a-z0-9-]{1,20}", 0..20), next in proptest::option::of("https://api\\.bitbucket\\.org/2\\.0/x\\?page=[0-9]{1,3}")) {
+            let values: Vec<Value> = slugs.iter().map(|s| serde_json::json!({
+                "type": "workspace_access", "administrator": false,
+                "workspace": {"type": "workspace_base", "slug": s, "uuid": "{u}"}
+            })).collect();
+            let mut page = serde_json::json!({"values": values, "pagelen": 100, "page": 1});
+            if let Some(n) = &next { page["next"] = Value::String(n.clone()); }
+            let p: Page<ApiWorkspaceAccess> = serde_json::from_value(page).unwrap();
+            prop_assert_eq!(p.values.iter().map(|w| w.workspace.slug.clone()).collect::<Vec<_>>(), slugs);
+            prop_assert_eq!(p.next, next);
+        }
+    }
+}
