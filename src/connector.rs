@@ -22,7 +22,7 @@ use crate::secret::Secret;
 /// An access token with less than this left is refreshed first.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 /// Workspaces whose permission and groups are read at once, per login.
-pub const WORKSPACE_CONCURRENCY: usize = 16;
+pub const WORKSPACE_CONCURRENCY: usize = 32;
 /// Longest `raw_query` accepted.
 pub const MAX_RAW_QUERY: usize = 8 * 1024;
 

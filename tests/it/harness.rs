@@ -120,8 +120,14 @@ impl Setup {
                 .collect::<String>()
         };
         let connector = |id: &str, extra: &[String]| {
+            // Extra lines may override the harness's upstreamTimeout.
+            let timeout = if extra.iter().any(|l| l.starts_with("upstreamTimeout:")) {
+                ""
+            } else {
+                "    upstreamTimeout: 2s\n"
+            };
             format!(
-                "- type: bitbucket-cloud\n  id: {id}\n  name: Bitbucket\n  config:\n    clientID: {CLIENT_ID}\n    clientSecret: {CLIENT_SECRET}\n    redirectURI: {REDIRECT}\n    authURL: {}\n    tokenURL: {}\n    apiURL: {}\n    legacyAPIURL: {}\n    upstreamTimeout: 2s\n{}",
+                "- type: bitbucket-cloud\n  id: {id}\n  name: Bitbucket\n  config:\n    clientID: {CLIENT_ID}\n    clientSecret: {CLIENT_SECRET}\n    redirectURI: {REDIRECT}\n    authURL: {}\n    tokenURL: {}\n    apiURL: {}\n    legacyAPIURL: {}\n{timeout}{}",
                 fake.auth_url(),
                 fake.token_url(),
                 fake.api_url(),
