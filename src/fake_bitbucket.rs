@@ -126,7 +126,7 @@ pub enum Fault {
     /// 200, `content-type: application/json`, a body that is not JSON.
     Garbage,
     /// 200 with a JSON object of exactly this many bytes (or the smallest
-    /// possible one, 33 bytes, when asked for less).
+    /// possible one, 31 bytes, when asked for less).
     HugeBody(usize),
     /// Paginated endpoints only: the page's `next` is this URL.
     ForeignNext(String),
