@@ -416,7 +416,7 @@ impl Connector {
             if self.cfg.include_team_groups || self.cfg.get_workspace_permissions {
                 let lookups: Vec<_> = kept
                     .iter()
-                    .map(|w| self.workspace_details(token, w, deadline))
+                    .map(|w| self.workspace_details(token, &user.uuid, w, deadline))
                     .collect();
                 stream::iter(lookups)
                     .buffered(WORKSPACE_CONCURRENCY)
@@ -433,6 +433,7 @@ impl Connector {
     async fn workspace_details(
         &self,
         token: &Secret,
+        user_uuid: &str,
         access: &ApiWorkspaceAccess,
         deadline: Instant,
     ) -> Result<WorkspaceDetails, Error> {
@@ -458,7 +459,8 @@ impl Connector {
             if !self.cfg.include_team_groups {
                 return Ok(None);
             }
-            self.workspace_groups(token, access, deadline).await
+            self.workspace_groups(token, user_uuid, access, deadline)
+                .await
         };
         let (permission, groups) = tokio::try_join!(permission, groups)?;
         Ok(WorkspaceDetails { permission, groups })
@@ -466,52 +468,46 @@ impl Connector {
 
     /// API 1.0 groups: with `teamGroupsAuth` when configured, else (or when
     /// that credential is refused and the user administers the workspace)
-    /// with the user's own token.
+    /// with the user's own token. A list read with `teamGroupsAuth` is shared
+    /// by every login; one read with a user's token only by that user's.
     async fn workspace_groups(
         &self,
         token: &Secret,
+        user_uuid: &str,
         access: &ApiWorkspaceAccess,
         deadline: Instant,
     ) -> Result<Option<Arc<Vec<ApiGroup>>>, Error> {
         let slug = access.workspace.slug.as_str();
-        if let Some(g) = self.groups_cache.get(slug) {
-            return Ok(Some(g));
-        }
-        let mut result = match &self.cfg.team_groups_auth {
+        let as_user = GroupsKey {
+            slug: slug.to_string(),
+            user: Some(user_uuid.to_string()),
+        };
+        let outcome = match &self.cfg.team_groups_auth {
             Some(a) => {
+                let shared = GroupsKey {
+                    slug: slug.to_string(),
+                    user: None,
+                };
                 let basic = Auth::Basic {
                     username: &a.username,
                     password: &a.password,
                 };
-                self.client.groups(basic, slug, deadline).await
+                match self.read_groups(shared, basic, deadline).await? {
+                    GroupsOutcome::Unreadable { .. } if access.administrator => {
+                        self.read_groups(as_user, Auth::Bearer(token), deadline)
+                            .await?
+                    }
+                    outcome => outcome,
+                }
             }
             None => {
-                self.client
-                    .groups(Auth::Bearer(token), slug, deadline)
-                    .await
+                self.read_groups(as_user, Auth::Bearer(token), deadline)
+                    .await?
             }
         };
-        if self.cfg.team_groups_auth.is_some()
-            && access.administrator
-            && matches!(result, Err(UpstreamError::Denied { status: 403, .. }))
-        {
-            result = self
-                .client
-                .groups(Auth::Bearer(token), slug, deadline)
-                .await;
-        }
-        match result {
-            Ok(g) => {
-                let g = Arc::new(g);
-                self.groups_cache.put(slug, g.clone());
-                Ok(Some(g))
-            }
-            Err(UpstreamError::Denied { status, .. }) => {
-                let reason = match status {
-                    403 => "forbidden",
-                    404 => "not_found",
-                    _ => "gone",
-                };
+        match outcome {
+            GroupsOutcome::Read(g) => Ok(Some(g)),
+            GroupsOutcome::Unreadable { reason, status } => {
                 self.metrics.degraded(reason);
                 let first = {
                     let mut warned = self
@@ -528,13 +524,44 @@ impl Connector {
                         connector = %self.cfg.id,
                         workspace = slug,
                         status,
-                        "workspace groups are not readable (API 1.0 needs a workspace admin: set teamGroupsAuth); logins go on without this workspace's groups"
+                        "workspace groups are not readable (API 1.0 needs a workspace admin: set teamGroupsAuth, and check its credential); logins go on without this workspace's groups"
                     );
                 }
                 Ok(None)
             }
-            Err(e) => Err(e.into()),
         }
+    }
+
+    /// One groups read, through the cache; refusals are cached too.
+    async fn read_groups(
+        &self,
+        key: GroupsKey,
+        auth: Auth<'_>,
+        deadline: Instant,
+    ) -> Result<GroupsOutcome, Error> {
+        if let Some(hit) = self.groups_cache.get(&key) {
+            return Ok(hit);
+        }
+        let outcome = match self.client.groups(auth, &key.slug, deadline).await {
+            Ok(g) => GroupsOutcome::Read(Arc::new(g)),
+            Err(UpstreamError::Denied { status, .. }) => GroupsOutcome::Unreadable {
+                reason: match status {
+                    403 => "forbidden",
+                    404 => "not_found",
+                    _ => "gone",
+                },
+                status,
+            },
+            // The credential itself was refused (a wrong teamGroupsAuth):
+            // the login goes on without groups rather than failing.
+            Err(UpstreamError::Unauthorized { .. }) => GroupsOutcome::Unreadable {
+                reason: "unauthorized",
+                status: 401,
+            },
+            Err(e) => return Err(e.into()),
+        };
+        self.groups_cache.put(key, outcome.clone());
+        Ok(outcome)
     }
 }
 
@@ -689,12 +716,24 @@ fn clip(s: &str, max: usize) -> String {
     format!("{}…", &s[..end])
 }
 
-type CachedGroups = (Instant, Arc<Vec<ApiGroup>>);
+/// Whose view of a workspace's groups: `user: None` for the shared
+/// `teamGroupsAuth` credential, else the user whose token read them.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+struct GroupsKey {
+    slug: String,
+    user: Option<String>,
+}
 
-/// Per-workspace group lists, shared by all logins for `teamGroupsCacheTTL`.
+#[derive(Clone, Debug)]
+enum GroupsOutcome {
+    Read(Arc<Vec<ApiGroup>>),
+    Unreadable { reason: &'static str, status: u16 },
+}
+
+/// Group lists (and refusals) for `teamGroupsCacheTTL`.
 struct GroupsCache {
     ttl: Duration,
-    entries: Mutex<HashMap<String, CachedGroups>>,
+    entries: Mutex<HashMap<GroupsKey, (Instant, GroupsOutcome)>>,
 }
 
 const GROUPS_CACHE_MAX: usize = 10_000;
@@ -707,18 +746,18 @@ impl GroupsCache {
         }
     }
 
-    fn get(&self, slug: &str) -> Option<Arc<Vec<ApiGroup>>> {
+    fn get(&self, key: &GroupsKey) -> Option<GroupsOutcome> {
         if self.ttl.is_zero() {
             return None;
         }
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries
-            .get(slug)
+            .get(key)
             .filter(|(at, _)| at.elapsed() < self.ttl)
             .map(|(_, g)| g.clone())
     }
 
-    fn put(&self, slug: &str, groups: Arc<Vec<ApiGroup>>) {
+    fn put(&self, key: GroupsKey, outcome: GroupsOutcome) {
         if self.ttl.is_zero() {
             return;
         }
@@ -730,7 +769,7 @@ impl GroupsCache {
                 entries.clear();
             }
         }
-        entries.insert(slug.to_string(), (Instant::now(), groups));
+        entries.insert(key, (Instant::now(), outcome));
     }
 }
 
@@ -931,15 +970,24 @@ mod tests {
     }
 
     #[test]
-    fn groups_cache_expires() {
+    fn groups_cache_expires_and_keeps_views_apart() {
         let c = GroupsCache::new(Duration::from_millis(30));
-        c.put("w", Arc::new(vec![]));
-        assert!(c.get("w").is_some());
+        let shared = GroupsKey {
+            slug: "w".into(),
+            user: None,
+        };
+        let alice = GroupsKey {
+            slug: "w".into(),
+            user: Some("{a}".into()),
+        };
+        c.put(alice.clone(), GroupsOutcome::Read(Arc::new(vec![])));
+        assert!(c.get(&alice).is_some());
+        assert!(c.get(&shared).is_none(), "a user's view must not be shared");
         std::thread::sleep(Duration::from_millis(40));
-        assert!(c.get("w").is_none());
+        assert!(c.get(&alice).is_none());
         let off = GroupsCache::new(Duration::ZERO);
-        off.put("w", Arc::new(vec![]));
-        assert!(off.get("w").is_none());
+        off.put(shared.clone(), GroupsOutcome::Read(Arc::new(vec![])));
+        assert!(off.get(&shared).is_none());
     }
 }
 

@@ -21,7 +21,7 @@ pub const ERROR_DOMAIN: &str = "bitbucket-connector";
 
 /// Deadlines are cut this much short of the caller's, so that our own
 /// DEADLINE_EXCEEDED answer wins over the transport's cancellation.
-const DEADLINE_MARGIN: Duration = Duration::from_millis(10);
+const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
 /// `connector.v1.ConnectorService`.
 #[derive(Clone)]
@@ -58,71 +58,93 @@ impl Service {
     where
         Fut: Future<Output = Result<T, Error>>,
     {
-        let started = std::time::Instant::now();
-        let request_id = request_id(meta);
-        let _guard = InFlight::new(&self.metrics);
+        let deadline = Instant::now() + timeout(meta, self.default_timeout);
+        let mut record = Record {
+            _in_flight: InFlight::new(&self.metrics),
+            service: self,
+            method,
+            connector_id,
+            request_id: request_id(meta),
+            started: std::time::Instant::now(),
+            deadline,
+            done: false,
+        };
         let result = match self.in_flight.try_acquire() {
             Err(_) => Err(status(
                 Code::ResourceExhausted,
                 "too many requests in flight; retry with backoff".into(),
                 "TOO_MANY_REQUESTS",
             )),
-            Ok(_permit) => {
-                let deadline = Instant::now() + timeout(meta, self.default_timeout);
-                f(deadline).await.map_err(|e| into_status(&e))
-            }
+            Ok(_permit) => f(deadline).await.map_err(|e| into_status(&e)),
         };
-        let elapsed = started.elapsed();
-        let code = match &result {
-            Ok(_) => Code::Ok,
-            Err(s) => s.code(),
-        };
-        self.metrics
+        match &result {
+            Ok(_) => record.finish(Code::Ok, None),
+            Err(s) => record.finish(s.code(), Some(s.message())),
+        }
+        result.map(Response::new)
+    }
+}
+
+/// One RPC's metrics and log line. Dropped unfinished (the caller went away,
+/// or the transport's deadline fired first), it still records the RPC.
+struct Record<'a> {
+    _in_flight: InFlight<'a>,
+    service: &'a Service,
+    method: &'static str,
+    connector_id: &'a str,
+    request_id: String,
+    started: std::time::Instant,
+    deadline: Instant,
+    done: bool,
+}
+
+impl Record<'_> {
+    fn finish(&mut self, code: Code, error: Option<&str>) {
+        self.done = true;
+        let metrics = &self.service.metrics;
+        let method = self.method;
+        let elapsed = self.started.elapsed();
+        metrics
             .rpc_requests
             .get_or_create(&RpcLabels {
                 method,
                 code: code_name(code),
             })
             .inc();
-        self.metrics
+        metrics
             .rpc_duration
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
         let ms = elapsed.as_secs_f64() * 1000.0;
-        let connector = match self.connectors.select(connector_id) {
+        let connector = match self.service.connectors.select(self.connector_id) {
             Ok(c) => c.id(),
-            Err(_) if connector_id.is_empty() => "-",
-            Err(_) => connector_id,
+            Err(_) if self.connector_id.is_empty() => "-",
+            Err(_) => self.connector_id,
         };
-        match &result {
-            Ok(_) => tracing::info!(
-                rpc = method,
-                connector,
-                code = code_name(code),
-                ms,
-                request_id,
-                "rpc"
-            ),
-            Err(s) if is_server_fault(code) => tracing::warn!(
-                rpc = method,
-                connector,
-                code = code_name(code),
-                ms,
-                request_id,
-                error = s.message(),
-                "rpc"
-            ),
-            Err(s) => tracing::info!(
-                rpc = method,
-                connector,
-                code = code_name(code),
-                ms,
-                request_id,
-                error = s.message(),
-                "rpc"
-            ),
+        let code = code_name(code);
+        let request_id = self.request_id.as_str();
+        match error {
+            None => tracing::info!(rpc = method, connector, code, ms, request_id, "rpc"),
+            Some(error) if is_server_fault(code) => {
+                tracing::warn!(rpc = method, connector, code, ms, request_id, error, "rpc")
+            }
+            Some(error) => {
+                tracing::info!(rpc = method, connector, code, ms, request_id, error, "rpc")
+            }
         }
-        result.map(Response::new)
+    }
+}
+
+impl Drop for Record<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            let (code, why) = if Instant::now() >= self.deadline {
+                (Code::DeadlineExceeded, "the caller's deadline passed")
+            } else {
+                (Code::Cancelled, "the caller cancelled the RPC")
+            };
+            self.finish(code, Some(why));
+        }
     }
 }
 
@@ -242,7 +264,7 @@ fn timeout(meta: &tonic::metadata::MetadataMap, default: Duration) -> Duration {
         .and_then(|v| v.to_str().ok())
         .and_then(parse_grpc_timeout)
         .map_or(default, |t| t.min(default));
-    t.saturating_sub(DEADLINE_MARGIN.min(t / 10))
+    t.saturating_sub(DEADLINE_MARGIN.max(t / 20).min(t / 2))
 }
 
 /// gRPC's `TimeoutValue TimeoutUnit`: at most 8 digits and one of H M S m u n.
@@ -274,14 +296,10 @@ fn request_id(meta: &tonic::metadata::MetadataMap) -> String {
         .unwrap_or_else(|| format!("{:016x}", rand::random::<u64>()))
 }
 
-fn is_server_fault(code: Code) -> bool {
+fn is_server_fault(code: &str) -> bool {
     matches!(
         code,
-        Code::Internal
-            | Code::Unavailable
-            | Code::DeadlineExceeded
-            | Code::ResourceExhausted
-            | Code::Unknown
+        "INTERNAL" | "UNAVAILABLE" | "DEADLINE_EXCEEDED" | "RESOURCE_EXHAUSTED" | "UNKNOWN"
     )
 }
 

@@ -304,7 +304,7 @@ async fn unreadable_workspace_groups_degrade_and_are_counted() {
 }
 
 #[tokio::test]
-async fn injected_groups_403_drops_only_that_workspaces_groups() {
+async fn injected_groups_403_drops_that_workspaces_groups_for_the_cache_ttl() {
     let env = Setup {
         telemetry: true,
         ..Setup::default()
@@ -326,15 +326,20 @@ async fn injected_groups_403_drops_only_that_workspaces_groups() {
         Some(1.0),
         "{m}"
     );
-    // Not cached: the next login reads the groups again.
+    // The refusal is cached like a list (teamGroupsCacheTTL): the next login
+    // asks nobody and is degraded again. Without the cache it would read again.
+    let hits = env.fake.hits(Endpoint::Groups);
     let id = env.login("alice", scopes(false, true)).await.unwrap();
+    assert_eq!(groups_of(&id), ["wonderland"]);
+    assert_eq!(env.fake.hits(Endpoint::Groups), hits);
+    let m = env.metrics().await;
     assert_eq!(
-        groups_of(&id),
-        [
-            "wonderland",
-            "wonderland/developers",
-            "wonderland/administrators"
-        ]
+        metric(
+            &m,
+            "bitbucket_connector_team_groups_degraded_total{reason=\"forbidden\"}"
+        ),
+        Some(2.0),
+        "{m}"
     );
     env.assert_serving().await;
 }
@@ -937,5 +942,52 @@ async fn team_groups_do_not_depend_on_who_logged_in_before() {
     assert_eq!(
         after.groups, before.groups,
         "bob's groups changed because alice logged in: the group cache is keyed by workspace only"
+    );
+}
+
+#[tokio::test]
+async fn a_refused_groups_read_is_retried_when_the_cache_is_off() {
+    let env = Setup::default()
+        .connector("includeTeamGroups: true")
+        .connector("teams: [wonderland]")
+        .connector("teamGroupsCacheTTL: 0s")
+        .start()
+        .await;
+    env.fake
+        .inject(Endpoint::Groups, Fault::Status(403), Some(1));
+    let id = env.login("alice", scopes(false, true)).await.unwrap();
+    assert_eq!(groups_of(&id), ["wonderland"]);
+    let id = env.login("alice", scopes(false, true)).await.unwrap();
+    assert_eq!(
+        groups_of(&id),
+        [
+            "wonderland",
+            "wonderland/developers",
+            "wonderland/administrators"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_team_groups_credential_degrades_instead_of_failing_the_login() {
+    let env = Setup {
+        telemetry: true,
+        ..Setup::default()
+    }
+    .connector("includeTeamGroups: true")
+    .connector("teams: [looking-glass]")
+    .connector("teamGroupsAuth: {username: admin@example.com, password: wrong-password}")
+    .start()
+    .await;
+    let id = env.login("alice", scopes(false, true)).await.unwrap();
+    assert_eq!(groups_of(&id), ["looking-glass"]);
+    let m = env.metrics().await;
+    assert_eq!(
+        metric(
+            &m,
+            "bitbucket_connector_team_groups_degraded_total{reason=\"unauthorized\"}"
+        ),
+        Some(1.0),
+        "{m}"
     );
 }

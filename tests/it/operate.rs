@@ -175,3 +175,39 @@ async fn prometheus_text_by_default_openmetrics_on_request() {
     assert!(text.contains("# TYPE bitbucket_connector_refresh_joined counter"));
     assert!(text.trim_end().ends_with("# EOF"));
 }
+
+#[tokio::test]
+async fn an_rpc_past_its_deadline_is_still_counted_and_in_flight_returns_to_zero() {
+    let env = Setup {
+        telemetry: true,
+        ..Setup::default()
+    }
+    .start()
+    .await;
+    env.fake.inject(
+        Endpoint::User,
+        Fault::Delay(std::time::Duration::from_secs(2)),
+        None,
+    );
+    let mut req = tonic::Request::new(pb::HandleCallbackRequest {
+        raw_query: format!("code={}", env.code("alice")),
+        ..Default::default()
+    });
+    req.set_timeout(std::time::Duration::from_millis(300));
+    let err = env.client().handle_callback(req).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::DeadlineExceeded | tonic::Code::Cancelled
+        ),
+        "{err:?}"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let s = series(&env.metrics().await);
+    assert_eq!(
+        s.get(r#"bitbucket_connector_rpc_requests_total{method="HandleCallback",code="DEADLINE_EXCEEDED"}"#),
+        Some(&1.0),
+        "{s:?}"
+    );
+    assert_eq!(s.get("bitbucket_connector_rpc_in_flight"), Some(&0.0));
+}

@@ -105,9 +105,12 @@ async fn check(channel: Channel) -> Result<i32, tonic::Status> {
 }
 
 async fn start_tls(tls: &TlsSetup, mtls: bool) -> Env {
-    let mut setup = Setup::default();
-    setup.grpc = tls.grpc_lines(mtls);
-    setup.start_plain_probe(false).await
+    Setup {
+        grpc: tls.grpc_lines(mtls),
+        ..Setup::default()
+    }
+    .start_plain_probe(false)
+    .await
 }
 
 #[tokio::test]
