@@ -266,6 +266,10 @@ impl Connector {
                 current = self.redeem(&tokens, deadline).await?;
                 self.fetch_identity(&current.access_token, scopes, deadline)
                     .await
+                    .map_err(|e| match e {
+                        Error::Unauthenticated(m) => Error::TokenRevoked(m),
+                        e => e,
+                    })
             }
             Err(Error::Unauthenticated(m)) => Err(Error::TokenRevoked(m)),
             other => other,
@@ -311,22 +315,28 @@ impl Connector {
         if !leader {
             self.metrics.refresh_joined.inc();
         }
-        let result = cell
-            .get_or_init(|| async {
-                let r = self.client.refresh(&rt, deadline).await;
-                self.metrics.redemption(match &r {
-                    Ok(_) => "ok",
-                    Err(UpstreamError::Rejected { .. }) => "revoked",
-                    Err(_) => "error",
-                });
-                r.map_err(|e| match e {
-                    UpstreamError::Rejected { .. } => Error::TokenRevoked(e.to_string()),
-                    e => Error::from(e),
-                })
+        // A joiner waits at most until its own deadline.
+        let shared = cell.get_or_init(|| async {
+            let r = self.client.refresh(&rt, deadline).await;
+            self.metrics.redemption(match &r {
+                Ok(_) => "ok",
+                Err(UpstreamError::Rejected { .. }) => "revoked",
+                Err(_) => "error",
+            });
+            r.map_err(|e| match e {
+                UpstreamError::Rejected { .. } => Error::TokenRevoked(e.to_string()),
+                e => Error::from(e),
             })
-            .await
-            .clone();
-        self.redemptions.forget(&rt, &cell);
+        });
+        let result = match tokio::time::timeout_at(deadline, shared).await {
+            Ok(r) => r.clone(),
+            Err(_) => Err(Error::DeadlineExceeded(
+                "waiting for a shared refresh token redemption".into(),
+            )),
+        };
+        if cell.initialized() {
+            self.redemptions.forget(&rt, &cell);
+        }
         let grant = result?;
         Ok(tokens_from_grant(
             &grant,

@@ -279,8 +279,32 @@ impl FakeBitbucket {
         });
     }
 
+    /// Applies `fault` to each request for `endpoint` ([`Endpoint::Any`]:
+    /// all) with this probability (clamped to 0..=1), until
+    /// [`Self::clear_faults`]. Queued faults ([`Self::inject`]) go first; then
+    /// each random fault that matches draws in turn, and the first hit applies.
+    /// For load runs: a steady rate of failures on random endpoints.
+    pub fn inject_random(&self, endpoint: Endpoint, fault: Fault, probability: f64) {
+        let probability = if probability.is_nan() {
+            0.0
+        } else {
+            probability.clamp(0.0, 1.0)
+        };
+        if probability == 0.0 {
+            return;
+        }
+        self.inner.shared.lock().random_faults.push(RandomFault {
+            endpoint,
+            fault,
+            probability,
+        });
+    }
+
+    /// Drops every queued and random fault.
     pub fn clear_faults(&self) {
-        self.inner.shared.lock().faults.clear();
+        let mut st = self.inner.shared.lock();
+        st.faults.clear();
+        st.random_faults.clear();
     }
 
     /// Latency added before answering every request.
@@ -309,6 +333,12 @@ impl FakeBitbucket {
 
     /// The user revoked the consumer: every code, access token and refresh
     /// token of that user (by username or nickname) stops working.
+    /// Every access and refresh token minted (the latest 10,000), so that a
+    /// test can search what the service wrote for them.
+    pub fn issued_tokens(&self) -> Vec<String> {
+        self.inner.shared.lock().history.iter().cloned().collect()
+    }
+
     pub fn revoke_grants(&self, username: &str) {
         let mut st = self.inner.shared.lock();
         let Some(&u) = st.index.user_by_name.get(username) else {
@@ -394,6 +424,12 @@ struct FaultEntry {
     remaining: Option<u32>,
 }
 
+struct RandomFault {
+    endpoint: Endpoint,
+    fault: Fault,
+    probability: f64,
+}
+
 struct CodeGrant {
     client_id: String,
     user_uuid: String,
@@ -424,15 +460,20 @@ struct Index {
     memberships: HashMap<String, Vec<(usize, usize)>>,
 }
 
+const HISTORY_MAX: usize = 10_000;
+
 struct ServerState {
     fixture: Fixture,
     index: Index,
     settings: Settings,
     faults: Vec<FaultEntry>,
+    random_faults: Vec<RandomFault>,
     codes: HashMap<String, CodeGrant>,
     access: HashMap<String, AccessGrant>,
     refresh: HashMap<String, RefreshGrant>,
     issued: u64,
+    /// The most recent tokens minted, for tests that look for leaks.
+    history: std::collections::VecDeque<String>,
 }
 
 impl ServerState {
@@ -448,10 +489,12 @@ impl ServerState {
                 quirks: TokenQuirks::default(),
             },
             faults: Vec::new(),
+            random_faults: Vec::new(),
             codes: HashMap::new(),
             access: HashMap::new(),
             refresh: HashMap::new(),
             issued: 0,
+            history: Default::default(),
         };
         st.reindex();
         st
@@ -507,9 +550,21 @@ impl ServerState {
     }
 
     fn take_fault(&mut self, endpoint: Endpoint) -> Option<Fault> {
-        let pos = self.faults.iter().position(|e| {
-            (e.endpoint == endpoint || e.endpoint == Endpoint::Any) && e.fault.applies_to(endpoint)
-        })?;
+        let matches = |e: Endpoint, f: &Fault| {
+            (e == endpoint || e == Endpoint::Any) && f.applies_to(endpoint)
+        };
+        let Some(pos) = self
+            .faults
+            .iter()
+            .position(|e| matches(e.endpoint, &e.fault))
+        else {
+            return self
+                .random_faults
+                .iter()
+                .filter(|r| matches(r.endpoint, &r.fault))
+                .find(|r| rand::random::<f64>() < r.probability)
+                .map(|r| r.fault.clone());
+        };
         let entry = &mut self.faults[pos];
         let fault = entry.fault.clone();
         if let Some(n) = entry.remaining.as_mut() {
@@ -563,6 +618,11 @@ impl ServerState {
                 first_used: None,
             },
         );
+        if self.history.len() + 2 > HISTORY_MAX {
+            self.history.drain(..2);
+        }
+        self.history.push_back(access.clone());
+        self.history.push_back(refresh.clone());
         (access, refresh, ttl)
     }
 
@@ -584,4 +644,79 @@ fn random_token(len: usize) -> String {
 fn random_base64(bytes: usize) -> String {
     let raw: Vec<u8> = (0..bytes).map(|_| rand::random::<u8>()).collect();
     base64::engine::general_purpose::URL_SAFE.encode(raw)
+}
+
+#[cfg(test)]
+mod random_fault_tests {
+    use super::*;
+
+    fn state() -> ServerState {
+        ServerState::new(Fixture::demo())
+    }
+
+    fn random(st: &mut ServerState, endpoint: Endpoint, fault: Fault, probability: f64) {
+        st.random_faults.push(RandomFault {
+            endpoint,
+            fault,
+            probability,
+        });
+    }
+
+    #[test]
+    fn random_faults_fire_at_their_rate_on_matching_endpoints_only() {
+        let mut st = state();
+        random(&mut st, Endpoint::User, Fault::Status(503), 0.25);
+        let n = 20_000;
+        let hits = (0..n)
+            .filter(|_| st.take_fault(Endpoint::User).is_some())
+            .count();
+        // 25% of 20,000: 5,000, sd ~61; 10 sd either way never fails by chance.
+        assert!((4_400..=5_600).contains(&hits), "{hits}");
+        assert!((0..1000).all(|_| st.take_fault(Endpoint::Token).is_none()));
+    }
+
+    #[test]
+    fn random_faults_apply_only_where_they_make_sense_and_queued_ones_go_first() {
+        let mut st = state();
+        random(&mut st, Endpoint::Any, Fault::NullValues, 1.0);
+        assert!(st.take_fault(Endpoint::User).is_none());
+        assert!(matches!(
+            st.take_fault(Endpoint::Emails),
+            Some(Fault::NullValues)
+        ));
+        st.faults.push(FaultEntry {
+            endpoint: Endpoint::Emails,
+            fault: Fault::Garbage,
+            remaining: Some(1),
+        });
+        assert!(matches!(
+            st.take_fault(Endpoint::Emails),
+            Some(Fault::Garbage)
+        ));
+        assert!(matches!(
+            st.take_fault(Endpoint::Emails),
+            Some(Fault::NullValues)
+        ));
+    }
+
+    #[tokio::test]
+    async fn inject_random_clamps_and_clear_faults_removes_it() {
+        let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+        fake.inject_random(Endpoint::Token, Fault::Status(503), f64::NAN);
+        fake.inject_random(Endpoint::Token, Fault::Status(503), -1.0);
+        assert!(fake.inner.shared.lock().random_faults.is_empty());
+        fake.inject_random(Endpoint::Token, Fault::Status(503), 7.0);
+        assert!((0..100).all(|_| matches!(
+            fake.inner.shared.lock().take_fault(Endpoint::Token),
+            Some(Fault::Status(503))
+        )));
+        fake.clear_faults();
+        assert!(fake
+            .inner
+            .shared
+            .lock()
+            .take_fault(Endpoint::Token)
+            .is_none());
+        fake.shutdown().await;
+    }
 }

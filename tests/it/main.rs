@@ -8,4 +8,5 @@ mod foundation;
 mod login;
 mod operate;
 mod refresh;
+mod secrets;
 mod security;
