@@ -124,8 +124,14 @@ mod fuzz {
             any::<bool>().prop_map(Value::Bool),
             any::<i64>().prop_map(|n| Value::Number(n.into())),
             ".{0,20}".prop_map(Value::String),
-            prop_oneof![Just("values"), Just("Values"), Just("next"), Just("uuid"), Just("slug")]
-                .prop_map(|s| Value::String(s.to_string())),
+            prop_oneof![
+                Just("values"),
+                Just("Values"),
+                Just("next"),
+                Just("uuid"),
+                Just("slug")
+            ]
+            .prop_map(|s| Value::String(s.to_string())),
         ];
         leaf.prop_recursive(4, 64, 8, |inner| {
             let key = prop_oneof![
