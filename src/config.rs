@@ -1124,7 +1124,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(1000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(1000)))]
 
         #[test]
         fn fuzz_arbitrary_text_never_panics(text in ".{0,400}") {

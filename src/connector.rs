@@ -1008,7 +1008,7 @@ mod fuzz {
     use proptest::prelude::*;
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
 
         #[test]
         fn fuzz_raw_query_parsing_never_panics(q in ".{0,300}") {

@@ -51,3 +51,12 @@ pub mod pb {
         }
     }
 }
+
+/// Cases per property test: `PROPTEST_CASES` when set, else `default`.
+#[cfg(test)]
+pub(crate) fn fuzz_cases(default: u32) -> u32 {
+    std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}

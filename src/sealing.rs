@@ -1053,7 +1053,7 @@ mod tests {
 
     proptest! {
         #[test]
-        fn prop_open_seal_round_trips(t in arb_tokens(), id in ".{0,40}") {
+        fn fuzz_open_seal_round_trips(t in arb_tokens(), id in ".{0,40}") {
             let s = sealer(&[1, 2], true);
             let sealed = s.seal(&id, &t).unwrap();
             prop_assert!(sealed.starts_with(b"v1."));
@@ -1062,7 +1062,7 @@ mod tests {
         }
 
         #[test]
-        fn prop_arbitrary_bytes_never_open(data in proptest::collection::vec(any::<u8>(), 0..600)) {
+        fn fuzz_arbitrary_bytes_never_open(data in proptest::collection::vec(any::<u8>(), 0..600)) {
             for dex in [false, true] {
                 let s = sealer(&[1, 2], dex);
                 let mut prefixed = b"v1.".to_vec();
@@ -1075,7 +1075,7 @@ mod tests {
         }
 
         #[test]
-        fn prop_forged_envelopes_never_open(
+        fn fuzz_forged_envelopes_never_open(
             body in proptest::collection::vec(any::<u8>(), 0..400),
             known_id in any::<bool>(),
         ) {
@@ -1088,7 +1088,7 @@ mod tests {
         }
 
         #[test]
-        fn prop_rfc3339_reads_what_go_writes(
+        fn fuzz_rfc3339_reads_what_go_writes(
             secs in GO_ZERO_TIME_UNIX - 366 * 86_400..=253_402_300_799i64,
             nanos in 0u32..1_000_000_000,
         ) {
@@ -1097,7 +1097,7 @@ mod tests {
         }
 
         #[test]
-        fn prop_rfc3339_never_panics(s in "\\PC{0,40}", b in proptest::collection::vec(any::<u8>(), 0..40)) {
+        fn fuzz_rfc3339_never_panics(s in "\\PC{0,40}", b in proptest::collection::vec(any::<u8>(), 0..40)) {
             let _ = parse_rfc3339(s.as_bytes());
             let _ = parse_rfc3339(&b);
         }

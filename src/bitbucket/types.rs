@@ -157,7 +157,7 @@ mod fuzz {
     }
 
     proptest! {
-        #![proptest_config(ProptestConfig::with_cases(2000))]
+        #![proptest_config(ProptestConfig::with_cases(crate::fuzz_cases(2000)))]
 
         #[test]
         fn fuzz_decoding_bitbucket_json_never_panics(v in json()) {
