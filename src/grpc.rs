@@ -4,6 +4,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,7 +14,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::connector::{self, Connectors, Error, Scopes};
-use crate::metrics::{MethodLabels, Metrics, RpcLabels};
+use crate::metrics::{MethodLabels, Metrics, RpcLabels, UPSTREAM_CALLS};
 use crate::pb;
 
 /// The ErrorInfo domain of every error this service returns.
@@ -67,6 +68,7 @@ impl Service {
             request_id: request_id(meta),
             started: std::time::Instant::now(),
             deadline,
+            upstream_calls: Arc::default(),
             done: false,
         };
         let result = match self.in_flight.try_acquire() {
@@ -75,7 +77,10 @@ impl Service {
                 "too many requests in flight; retry with backoff".into(),
                 "TOO_MANY_REQUESTS",
             )),
-            Ok(_permit) => f(deadline).await.map_err(|e| into_status(&e)),
+            Ok(_permit) => UPSTREAM_CALLS
+                .scope(record.upstream_calls.clone(), f(deadline))
+                .await
+                .map_err(|e| into_status(&e)),
         };
         match &result {
             Ok(_) => record.finish(Code::Ok, None),
@@ -95,6 +100,7 @@ struct Record<'a> {
     request_id: String,
     started: std::time::Instant,
     deadline: Instant,
+    upstream_calls: Arc<AtomicU32>,
     done: bool,
 }
 
@@ -123,14 +129,37 @@ impl Record<'_> {
         };
         let code = code_name(code);
         let request_id = self.request_id.as_str();
+        let upstream_calls = self.upstream_calls.load(Ordering::Relaxed);
         match error {
-            None => tracing::info!(rpc = method, connector, code, ms, request_id, "rpc"),
-            Some(error) if is_server_fault(code) => {
-                tracing::warn!(rpc = method, connector, code, ms, request_id, error, "rpc")
-            }
-            Some(error) => {
-                tracing::info!(rpc = method, connector, code, ms, request_id, error, "rpc")
-            }
+            None => tracing::info!(
+                rpc = method,
+                connector,
+                code,
+                ms,
+                upstream_calls,
+                request_id,
+                "rpc"
+            ),
+            Some(error) if is_server_fault(code) => tracing::warn!(
+                rpc = method,
+                connector,
+                code,
+                ms,
+                upstream_calls,
+                request_id,
+                error,
+                "rpc"
+            ),
+            Some(error) => tracing::info!(
+                rpc = method,
+                connector,
+                code,
+                ms,
+                upstream_calls,
+                request_id,
+                error,
+                "rpc"
+            ),
         }
     }
 }

@@ -68,6 +68,12 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+tokio::task_local! {
+    /// Upstream HTTP requests made on behalf of the current RPC (its log line
+    /// reports them). Unset outside an RPC.
+    pub static UPSTREAM_CALLS: Arc<std::sync::atomic::AtomicU32>;
+}
+
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
 
 fn latency_histogram() -> Histogram {
@@ -218,6 +224,7 @@ impl Metrics {
     }
 
     pub fn upstream(&self, endpoint: &'static str, status: UpstreamStatus, seconds: f64) {
+        let _ = UPSTREAM_CALLS.try_with(|c| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
         self.upstream_requests
             .get_or_create(&UpstreamLabels { endpoint, status })
             .inc();

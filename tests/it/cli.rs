@@ -195,11 +195,14 @@ async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
     );
     let code = fake.issue_code(CLIENT_ID, "alice");
     let login = tokio::spawn(async move {
+        let mut req = tonic::Request::new(pb::HandleCallbackRequest {
+            raw_query: format!("code={code}"),
+            ..Default::default()
+        });
+        req.metadata_mut()
+            .insert("x-request-id", "req-from-the-host-42".parse().unwrap());
         ConnectorServiceClient::new(channel)
-            .handle_callback(pb::HandleCallbackRequest {
-                raw_query: format!("code={code}"),
-                ..Default::default()
-            })
+            .handle_callback(req)
             .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -230,13 +233,26 @@ async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
     let out = child.wait_with_output().await.unwrap();
     let logs = String::from_utf8_lossy(&out.stderr);
     assert!(logs.lines().count() >= 3, "{logs}");
+    let mut rpc_lines = Vec::new();
     for line in logs
         .lines()
         .chain(String::from_utf8_lossy(&out.stdout).lines())
     {
-        serde_json::from_str::<serde_json::Value>(line)
+        let v = serde_json::from_str::<serde_json::Value>(line)
             .unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        if v["rpc"] == "HandleCallback" {
+            rpc_lines.push(v);
+        }
     }
+    // One structured line per RPC: the host's request id, the connector, the
+    // code, and the upstream calls it made (token, user, emails).
+    assert_eq!(rpc_lines.len(), 1, "{logs}");
+    let l = &rpc_lines[0];
+    assert_eq!(l["request_id"], "req-from-the-host-42", "{l}");
+    assert_eq!(l["connector"], "bitbucket-cloud", "{l}");
+    assert_eq!(l["code"], "OK", "{l}");
+    assert_eq!(l["upstream_calls"], 3, "{l}");
+    assert!(l["ms"].as_f64().unwrap() >= 800.0, "{l}");
 }
 
 /// The sidecar setup: gRPC on a unix socket.
@@ -279,4 +295,33 @@ async fn serves_on_a_unix_socket() {
     Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert_eq!(child.wait().await.unwrap().code(), Some(0));
     assert!(!sock.exists(), "the socket file should be removed on exit");
+}
+
+/// Plaintext on a non-loopback address without authTokens: a startup warning.
+#[tokio::test]
+async fn plaintext_on_a_public_address_without_tokens_warns_at_startup() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let port = free_port().port();
+    let f = write_config(&config_for(&fake, &format!("0.0.0.0:{port}"), ""));
+    let mut child = tokio::process::Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(f.path())
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(channel)).await;
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("serving plaintext gRPC on a non-loopback address without grpc.authTokens"),
+        "{stderr}"
+    );
 }
