@@ -303,7 +303,7 @@ async fn plaintext_on_a_public_address_without_tokens_warns_at_startup() {
     let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
     let port = free_port().port();
     let f = write_config(&config_for(&fake, &format!("0.0.0.0:{port}"), ""));
-    let mut child = tokio::process::Command::new(BIN)
+    let child = tokio::process::Command::new(BIN)
         .args(["serve", "-c"])
         .arg(f.path())
         .env("TEST_DATA_KEY", KEY_A)
