@@ -73,7 +73,7 @@ connectors:
 
 
 def grpcurl_tls(d, addr, *args, client_cert=True, ca="server-ca.crt"):
-    cmd = [shutil.which("grpcurl"), "-cacert", os.path.join(d, ca), "-servername", "localhost"]
+    cmd = [shutil.which("grpcurl"), "-connect-timeout", "3", "-cacert", os.path.join(d, ca), "-servername", "localhost"]
     if client_cert:
         cmd += ["-cert", os.path.join(d, "client.crt"), "-key", os.path.join(d, "client.key")]
     return subprocess.run(cmd + [addr, *args], capture_output=True, text=True, timeout=20)
