@@ -13,7 +13,7 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::connector::{self, Connectors, Error, Scopes};
+use crate::connector::{self, Connector, Connectors, Error, Scopes};
 use crate::metrics::{MethodLabels, Metrics, RpcLabels, UPSTREAM_CALLS};
 use crate::pb;
 
@@ -54,7 +54,7 @@ impl Service {
         method: &'static str,
         meta: &tonic::metadata::MetadataMap,
         connector_id: &str,
-        f: impl FnOnce(Instant) -> Fut,
+        f: impl FnOnce(Arc<Connector>, Instant) -> Fut,
     ) -> Result<Response<T>, Status>
     where
         Fut: Future<Output = Result<T, Error>>,
@@ -64,7 +64,7 @@ impl Service {
             _in_flight: InFlight::new(&self.metrics),
             service: self,
             method,
-            connector_id,
+            connector: connector_id_for_logs(connector_id),
             request_id: request_id(meta),
             started: std::time::Instant::now(),
             deadline,
@@ -77,10 +77,16 @@ impl Service {
                 "too many requests in flight; retry with backoff".into(),
                 "TOO_MANY_REQUESTS",
             )),
-            Ok(_permit) => UPSTREAM_CALLS
-                .scope(record.upstream_calls.clone(), f(deadline))
-                .await
-                .map_err(|e| into_status(&e)),
+            Ok(_permit) => match self.connectors.select(connector_id) {
+                Err(e) => Err(into_status(&e)),
+                Ok(c) => {
+                    record.connector = c.id().to_string();
+                    UPSTREAM_CALLS
+                        .scope(record.upstream_calls.clone(), f(c.clone(), deadline))
+                        .await
+                        .map_err(|e| into_status(&e))
+                }
+            },
         };
         match &result {
             Ok(_) => record.finish(Code::Ok, None),
@@ -96,7 +102,7 @@ struct Record<'a> {
     _in_flight: InFlight<'a>,
     service: &'a Service,
     method: &'static str,
-    connector_id: &'a str,
+    connector: String,
     request_id: String,
     started: std::time::Instant,
     deadline: Instant,
@@ -122,11 +128,7 @@ impl Record<'_> {
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
         let ms = elapsed.as_secs_f64() * 1000.0;
-        let connector = match self.service.connectors.select(self.connector_id) {
-            Ok(c) => c.id(),
-            Err(_) if self.connector_id.is_empty() => "-",
-            Err(_) => self.connector_id,
-        };
+        let connector = self.connector.as_str();
         let code = code_name(code);
         let request_id = self.request_id.as_str();
         let upstream_calls = self.upstream_calls.load(Ordering::Relaxed);
@@ -185,8 +187,7 @@ impl pb::connector_service_server::ConnectorService for Service {
     ) -> Result<Response<pb::LoginUrlResponse>, Status> {
         let (meta, _, req) = req.into_parts();
         let id = req.connector_id.clone();
-        self.rpc("LoginURL", &meta, &id, |_| async {
-            let c = self.connectors.select(&req.connector_id)?;
+        self.rpc("LoginURL", &meta, &id, |c, _| async move {
             let url = c.login_url(&req.callback_url, &req.state)?;
             Ok(pb::LoginUrlResponse {
                 url,
@@ -202,8 +203,7 @@ impl pb::connector_service_server::ConnectorService for Service {
     ) -> Result<Response<pb::HandleCallbackResponse>, Status> {
         let (meta, _, req) = req.into_parts();
         let id = req.connector_id.clone();
-        self.rpc("HandleCallback", &meta, &id, |deadline| async move {
-            let c = self.connectors.select(&req.connector_id)?;
+        self.rpc("HandleCallback", &meta, &id, |c, deadline| async move {
             let identity = c
                 .handle_callback(scopes(req.scopes), &req.raw_query, deadline)
                 .await?;
@@ -220,8 +220,7 @@ impl pb::connector_service_server::ConnectorService for Service {
     ) -> Result<Response<pb::RefreshResponse>, Status> {
         let (meta, _, req) = req.into_parts();
         let id = req.connector_id.clone();
-        self.rpc("Refresh", &meta, &id, |deadline| async move {
-            let c = self.connectors.select(&req.connector_id)?;
+        self.rpc("Refresh", &meta, &id, |c, deadline| async move {
             let previous: connector::Identity = req
                 .identity
                 .map(Into::into)
@@ -315,6 +314,14 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
         "n" => Duration::from_nanos(n),
         _ => return None,
     })
+}
+
+/// The requested id as logged before it is resolved: "-" for empty, clipped.
+fn connector_id_for_logs(id: &str) -> String {
+    match id {
+        "" => "-".to_string(),
+        id => id.chars().take(64).collect(),
+    }
 }
 
 fn request_id(meta: &tonic::metadata::MetadataMap) -> String {
