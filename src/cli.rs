@@ -50,12 +50,21 @@ pub fn serve(path: &Path) -> Result<(), String> {
     }
     telemetry::init_logging(&cfg.logger);
     install_crypto();
-    runtime()?.block_on(async move {
+    let json = cfg.logger.format == crate::config::LogFormat::Json;
+    let result = runtime()?.block_on(async move {
         let listener = Listener::bind(&cfg.grpc.addr).await?;
         warn_if_exposed(&cfg);
         let app = App::new(cfg)?;
         server::serve(app, listener, shutdown_signal()).await
-    })
+    });
+    match result {
+        // With JSON logs every line the process writes is JSON, errors included.
+        Err(e) if json => {
+            tracing::error!(error = %e, "cannot serve");
+            Err(String::new())
+        }
+        other => other,
+    }
 }
 
 fn warn_if_exposed(cfg: &Config) {

@@ -45,6 +45,8 @@ fn main() -> ExitCode {
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
+        // Empty: already reported through the logger.
+        Err(e) if e.is_empty() => ExitCode::FAILURE,
         Err(e) => {
             eprintln!("bitbucket-connector: {e}");
             ExitCode::FAILURE

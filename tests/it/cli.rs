@@ -330,3 +330,36 @@ async fn plaintext_on_a_public_address_without_tokens_warns_at_startup() {
         "{stderr}"
     );
 }
+
+#[test]
+fn with_json_logs_a_startup_error_is_one_json_line() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let fake = rt.block_on(FakeBitbucket::start(Fixture::demo())).unwrap();
+    let f = write_config(&config_for(
+        &fake,
+        &addr.to_string(),
+        "logger:\n  format: json\n",
+    ));
+    let out = Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(f.path())
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    assert_eq!(lines.len(), 1, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+    assert_eq!(v["level"], "ERROR");
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("grpc.addr: cannot listen on {addr}")),
+        "{v}"
+    );
+}
