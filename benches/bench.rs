@@ -357,10 +357,6 @@ impl Svc {
         proc_status_kb(self.pid, key)
     }
 
-    fn cpu_secs(&self) -> f64 {
-        proc_cpu_secs(self.pid)
-    }
-
     async fn metrics(&self) -> Res<String> {
         http_get(self.telemetry, "/metrics").await
     }
@@ -447,6 +443,11 @@ fn proc_status_kb(pid: u32, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Open file descriptors of a process (sockets included).
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
 fn clock_ticks() -> f64 {
     static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
     *TICKS.get_or_init(|| {
@@ -459,8 +460,14 @@ fn clock_ticks() -> f64 {
     })
 }
 
-/// utime + stime of a process, in seconds.
+/// utime + stime of a process (0: this one), in seconds.
 fn proc_cpu_secs(pid: u32) -> f64 {
+    let (user, sys) = proc_cpu(pid);
+    user + sys
+}
+
+/// (utime, stime) of a process (0: this one), in seconds.
+fn proc_cpu(pid: u32) -> (f64, f64) {
     let path = if pid == 0 {
         "/proc/self/stat".to_string()
     } else {
@@ -471,7 +478,7 @@ fn proc_cpu_secs(pid: u32) -> f64 {
     let rest = s.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let f: Vec<&str> = rest.split_whitespace().collect();
     let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / clock_ticks()
+    (ticks(11) / clock_ticks(), ticks(12) / clock_ticks())
 }
 
 async fn http_get(addr: SocketAddr, path: &str) -> Res<String> {
@@ -595,8 +602,10 @@ async fn login_latency() -> Res<()> {
          teams = all {WORKSPACES} workspaces, includeTeamGroups + getWorkspacePermissions + \
          teamGroupsAuth, scopes.groups. Calls = upstream requests per login (fake's count).\n"
     );
-    println!("| group cache | L | workspaces | median/L | p90/L | max/L | calls/login |");
-    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| group cache | L | workspaces | median/L | p90/L | max/L | median ms | calls/login |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
     for (cache, ttl) in [("cold (TTL 0s)", "0s"), ("warm (TTL 60s)", "60s")] {
         let svc = Svc::start(
             &fake,
@@ -607,7 +616,7 @@ async fn login_latency() -> Res<()> {
         )
         .await?;
         let ch = svc.channel().await?;
-        for l_ms in [20u64, 50] {
+        for l_ms in [0u64, 20, 50] {
             let l = Duration::from_millis(l_ms);
             fake.set_delay(l);
             for &n in &[1usize, 20, 100] {
@@ -616,22 +625,30 @@ async fn login_latency() -> Res<()> {
                     login(&ch, &fake, &user, scopes(true, false), None).await?;
                 }
                 let hits0 = fake.total_hits();
-                let mut ratios = Vec::with_capacity(LOGINS);
+                let mut times = Vec::with_capacity(LOGINS);
                 for _ in 0..LOGINS {
                     let t = Instant::now();
                     let id = login(&ch, &fake, &user, scopes(true, false), None).await?;
-                    ratios.push(t.elapsed().as_secs_f64() / l.as_secs_f64());
+                    times.push(t.elapsed().as_secs_f64());
                     if id.groups.len() < 3 * n {
                         return Err(format!("{user}: only {} groups", id.groups.len()).into());
                     }
                 }
                 let calls = (fake.total_hits() - hits0) as f64 / LOGINS as f64;
-                let r = sorted(ratios);
+                let t = sorted(times);
+                let ratio = |x: f64| {
+                    if l_ms == 0 {
+                        "–".to_string()
+                    } else {
+                        format!("{:.2}", x / l.as_secs_f64())
+                    }
+                };
                 println!(
-                    "| {cache} | {l_ms} ms | {n} | {:.2} | {:.2} | {:.2} | {calls:.1} |",
-                    pct(&r, 50.0),
-                    pct(&r, 90.0),
-                    r[r.len() - 1]
+                    "| {cache} | {l_ms} ms | {n} | {} | {} | {} | {:.1} | {calls:.1} |",
+                    ratio(pct(&t, 50.0)),
+                    ratio(pct(&t, 90.0)),
+                    ratio(t[t.len() - 1]),
+                    pct(&t, 50.0) * 1000.0,
                 );
             }
         }
@@ -728,7 +745,6 @@ async fn h2load(
 async fn overhead() -> Res<()> {
     const ROUNDS: usize = 3;
     let fake = FakeBitbucket::start(bench_fixture()).await?;
-    let svc = Svc::start(&fake, &SvcOpts::default()).await?;
     let dir = tempfile::tempdir()?;
     let login_body = dir.path().join("loginurl.bin");
     let health_body = dir.path().join("health.bin");
@@ -752,63 +768,73 @@ async fn overhead() -> Res<()> {
     println!(
         "h2load, same server, alternating Health/Check and LoginURL, {ROUNDS} rounds per shape; \
          ratio = LoginURL req/s ÷ Health req/s of the same round. OK = the server's \
-         rpc_requests_total{{method=\"LoginURL\",code=\"OK\"}} delta.\n"
+         rpc_requests_total{{method=\"LoginURL\",code=\"OK\"}} delta. Default logging \
+         (info: one line per ConnectorService RPC, none for health), then logger.level warn.\n"
     );
     println!(
-        "| c×m | round | Health req/s | p50 / p99 µs | LoginURL req/s | p50 / p99 µs | OK / sent | ratio |"
+        "| log | c×m | round | Health req/s | p50 / p99 µs | LoginURL req/s | p50 / p99 µs | OK / sent | ratio |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|");
     let mut summary = Vec::new();
-    for (c, m, n) in [(1usize, 1usize, 10_000usize), (16, 10, 100_000)] {
-        // One unmeasured run per path: connections, allocator, caches.
-        h2load(
-            dir.path(),
-            svc.addr,
-            HEALTH_PATH,
-            &health_body,
-            c,
-            m,
-            n / 10,
+    for log_level in ["info", "warn"] {
+        let svc = Svc::start(
+            &fake,
+            &SvcOpts {
+                log_level,
+                ..Default::default()
+            },
         )
         .await?;
-        h2load(dir.path(), svc.addr, LOGIN_PATH, &login_body, c, m, n / 10).await?;
-        let mut ratios = Vec::new();
-        for round in 1..=ROUNDS {
-            let h = h2load(dir.path(), svc.addr, HEALTH_PATH, &health_body, c, m, n).await?;
-            let ok0 = metric(
-                &svc.metrics().await?,
-                "bitbucket_connector_rpc_requests_total",
-                &[("method", "LoginURL"), ("code", "OK")],
-            );
-            let l = h2load(dir.path(), svc.addr, LOGIN_PATH, &login_body, c, m, n).await?;
-            let ok = metric(
-                &svc.metrics().await?,
-                "bitbucket_connector_rpc_requests_total",
-                &[("method", "LoginURL"), ("code", "OK")],
-            ) - ok0;
-            if h.succeeded != n as u64 || ok as usize != n {
-                return Err(format!(
-                    "not every request succeeded: health {}/{n}, LoginURL OK {ok}/{n}",
-                    h.succeeded
-                )
-                .into());
-            }
-            let ratio = l.rps / h.rps;
-            ratios.push(ratio);
-            println!(
-                "| {c}×{m} | {round} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {ok:.0} / {n} | {ratio:.3} |",
+        for (c, m, n) in [(1usize, 1usize, 10_000usize), (16, 10, 100_000)] {
+            // One unmeasured run per path: connections, allocator, caches.
+            h2load(
+                dir.path(),
+                svc.addr,
+                HEALTH_PATH,
+                &health_body,
+                c,
+                m,
+                n / 10,
+            )
+            .await?;
+            h2load(dir.path(), svc.addr, LOGIN_PATH, &login_body, c, m, n / 10).await?;
+            let mut ratios = Vec::new();
+            for round in 1..=ROUNDS {
+                let h = h2load(dir.path(), svc.addr, HEALTH_PATH, &health_body, c, m, n).await?;
+                let ok0 = metric(
+                    &svc.metrics().await?,
+                    "bitbucket_connector_rpc_requests_total",
+                    &[("method", "LoginURL"), ("code", "OK")],
+                );
+                let l = h2load(dir.path(), svc.addr, LOGIN_PATH, &login_body, c, m, n).await?;
+                let ok = metric(
+                    &svc.metrics().await?,
+                    "bitbucket_connector_rpc_requests_total",
+                    &[("method", "LoginURL"), ("code", "OK")],
+                ) - ok0;
+                if h.succeeded != n as u64 || ok as usize != n {
+                    return Err(format!(
+                        "not every request succeeded: health {}/{n}, LoginURL OK {ok}/{n}",
+                        h.succeeded
+                    )
+                    .into());
+                }
+                let ratio = l.rps / h.rps;
+                ratios.push(ratio);
+                println!(
+                "| {log_level} | {c}×{m} | {round} | {:.0} | {:.0} / {:.0} | {:.0} | {:.0} / {:.0} | {ok:.0} / {n} | {ratio:.3} |",
                 h.rps, h.p50_us, h.p99_us, l.rps, l.p50_us, l.p99_us
             );
+            }
+            let r = sorted(ratios);
+            summary.push(format!(
+                "{log_level} {c}×{m}: median ratio {:.3}",
+                pct(&r, 50.0)
+            ));
         }
-        let r = sorted(ratios);
-        summary.push(format!("{c}×{m}: median ratio {:.3}", pct(&r, 50.0)));
+        svc.stop().await?;
     }
     println!("\n{}", summary.join("; "));
-    println!(
-        "service CPU over the whole scenario: {:.1} s",
-        svc.cpu_secs()
-    );
-    svc.stop().await?;
     Ok(())
 }
 
@@ -824,14 +850,23 @@ async fn cpu() -> Res<()> {
         clock_ticks()
     );
     println!(
-        "| run | logins (OK) | wall s | logins/s | upstream calls/login | service CPU µs/login | \
-         service CPU µs/upstream call | bench CPU µs/login |"
+        "| run | logins (OK) | wall s | logins/s | upstream calls/login | service CPU µs/login \
+         (user + sys) | service CPU µs/upstream call | bench CPU µs/login |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let runs: [(&str, Vec<String>, &str, Option<pb::Scopes>, usize); 2] = [
+    let runs: [(&str, Vec<String>, &str, &str, Option<pb::Scopes>, usize); 3] = [
         (
             "plain: 1 workspace, no group options",
             vec![],
+            "info",
+            "bench-1",
+            scopes(false, false),
+            20_000,
+        ),
+        (
+            "plain, logger.level warn (no per-RPC log line)",
+            vec![],
+            "warn",
             "bench-1",
             scopes(false, false),
             20_000,
@@ -839,16 +874,18 @@ async fn cpu() -> Res<()> {
         (
             "groups: 5 workspaces, groups + permissions, cache off",
             group_options("0s", false),
+            "info",
             "bench-5",
             scopes(true, false),
             10_000,
         ),
     ];
-    for (name, connector, user, sc, total) in runs {
+    for (name, connector, log_level, user, sc, total) in runs {
         let svc = Svc::start(
             &fake,
             &SvcOpts {
                 connector,
+                log_level,
                 ..Default::default()
             },
         )
@@ -856,23 +893,28 @@ async fn cpu() -> Res<()> {
         let channels = svc.channels(4).await?;
         login_many(&channels, &fake, user, sc, 500, CONCURRENCY).await;
         let (cpu0, me0, hits0, t0) = (
-            svc.cpu_secs(),
+            proc_cpu(svc.pid),
             proc_cpu_secs(0),
             fake.total_hits(),
             Instant::now(),
         );
         let ok = login_many(&channels, &fake, user, sc, total, CONCURRENCY).await;
         let wall = t0.elapsed().as_secs_f64();
-        let cpu = svc.cpu_secs() - cpu0;
+        let cpu1 = proc_cpu(svc.pid);
+        let (user_s, sys_s) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
+        let cpu = user_s + sys_s;
         let me = proc_cpu_secs(0) - me0;
         let calls = (fake.total_hits() - hits0) as f64;
+        let per = |x: f64| x * 1e6 / total as f64;
         println!(
-            "| {name} | {total} ({ok}) | {wall:.1} | {:.0} | {:.1} | {:.0} | {:.1} | {:.0} |",
+            "| {name} | {total} ({ok}) | {wall:.1} | {:.0} | {:.1} | {:.0} ({:.0} + {:.0}) | {:.1} | {:.0} |",
             total as f64 / wall,
             calls / total as f64,
-            cpu * 1e6 / total as f64,
+            per(cpu),
+            per(user_s),
+            per(sys_s),
             cpu * 1e6 / calls,
-            me * 1e6 / total as f64,
+            per(me),
         );
         svc.stop().await?;
     }
@@ -905,9 +947,9 @@ async fn memory() -> Res<()> {
     );
     println!("idle VmRSS after startup: {:.1} MB\n", mb(idle));
     println!(
-        "| wave | OK | max rpc_in_flight seen | wave ms | VmRSS peak sampled MB | VmRSS after MB | VmHWM MB |"
+        "| wave | OK | max rpc_in_flight seen | max open fds | wave ms | VmRSS peak sampled MB | VmRSS after MB | VmHWM MB |"
     );
-    println!("|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|");
     for wave in 1..=WAVES {
         let t = Instant::now();
         let mut tasks = tokio::task::JoinSet::new();
@@ -921,10 +963,12 @@ async fn memory() -> Res<()> {
             });
         }
         let mut peak_rss = 0;
+        let mut peak_fds = 0;
         let mut peak_inflight = 0.0f64;
         let sampler = async {
             loop {
                 peak_rss = peak_rss.max(svc.status_kb("VmRSS"));
+                peak_fds = peak_fds.max(open_fds(svc.pid));
                 if let Ok(m) = svc.metrics().await {
                     peak_inflight =
                         peak_inflight.max(metric(&m, "bitbucket_connector_rpc_in_flight", &[]));
@@ -944,7 +988,7 @@ async fn memory() -> Res<()> {
         let ms = t.elapsed().as_millis();
         tokio::time::sleep(Duration::from_millis(300)).await;
         println!(
-            "| {wave} | {ok} | {peak_inflight:.0} | {ms} | {:.1} | {:.1} | {:.1} |",
+            "| {wave} | {ok} | {peak_inflight:.0} | {peak_fds} | {ms} | {:.1} | {:.1} | {:.1} |",
             mb(peak_rss),
             mb(svc.status_kb("VmRSS")),
             mb(svc.status_kb("VmHWM"))
@@ -1230,6 +1274,24 @@ async fn shutdown() -> Res<()> {
 // ---------------------------------------------------------------------------
 // 8. profile (callgrind)
 
+/// `callgrind_annotate` rows: (percent, function), the binary's path dropped.
+fn annotate_rows(text: &str) -> impl Iterator<Item = (f64, String)> + '_ {
+    text.lines().filter_map(|l| {
+        let (left, name) = l.split_once("%)")?;
+        let pct: f64 = left.rsplit_once('(')?.1.trim().parse().ok()?;
+        let name = name.trim();
+        if name.contains("PROGRAM TOTALS") {
+            return None;
+        }
+        let name = name.strip_prefix("???:").unwrap_or(name);
+        let name = match name.rsplit_once(" [") {
+            Some((n, _)) => n,
+            None => name,
+        };
+        Some((pct, name.chars().take(160).collect()))
+    })
+}
+
 async fn profile() -> Res<()> {
     const LOGINS: usize = 2000;
     let fake = FakeBitbucket::start(bench_fixture()).await?;
@@ -1310,31 +1372,27 @@ async fn profile() -> Res<()> {
         total / LOGINS as f64,
         total / calls as f64
     );
-    println!("Top functions by inclusive instructions (share of the total):\n");
+    let exclusive = Command::new("callgrind_annotate")
+        .args(["--inclusive=no", "--threshold=100"])
+        .arg(&dump)
+        .output()
+        .await?;
+    let exclusive = String::from_utf8_lossy(&exclusive.stdout);
+    println!(
+        "Top functions by inclusive instructions (% of all; the runtime's own frames above 95% \
+         left out):\n"
+    );
     println!("```");
-    let mut shown = 0;
-    for l in text.lines() {
-        let Some((count, rest)) = l.trim_start().split_once(' ') else {
-            continue;
-        };
-        let Ok(n) = count.replace(',', "").parse::<f64>() else {
-            continue;
-        };
-        if rest.contains("PROGRAM TOTALS") || !rest.contains(':') {
-            continue;
-        }
-        let name = rest
-            .trim()
-            .trim_start_matches(|c: char| {
-                c == '(' || c.is_ascii_digit() || c == '.' || c == '%' || c == ')'
-            })
-            .trim();
-        let name: String = name.chars().take(150).collect();
-        println!("{:5.1}%  {name}", n * 100.0 / total);
-        shown += 1;
-        if shown >= 45 {
-            break;
-        }
+    for (pct, name) in annotate_rows(&text).filter(|(p, _)| *p < 95.0).take(45) {
+        println!("{pct:5.1}%  {name}");
+    }
+    println!("```\n\nTop functions by exclusive (self) instructions:\n");
+    println!("```");
+    for (pct, name) in annotate_rows(&exclusive)
+        .filter(|(p, _)| *p < 95.0)
+        .take(25)
+    {
+        println!("{pct:5.1}%  {name}");
     }
     println!("```");
     let keep = std::env::var_os("BENCH_KEEP_PROFILE").map(PathBuf::from);
