@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Scenarios: login-latency, overhead, cpu, memory, startup, shutdown, profile
-//! (the default set, in this order) and faults (opt-in). The binary is
+//! (the default set, in this order) and faults (opt-in; `--fault-scale 0`
+//! runs the same load without faults, for comparison). The binary is
 //! `$BITBUCKET_CONNECTOR_BIN`, else `target/release/bitbucket-connector`.
 //! Figures are printed as Markdown tables; nothing here asserts a timing.
 
@@ -55,6 +56,8 @@ struct Args {
     scenarios: Vec<String>,
     duration: u64,
     clients: usize,
+    /// Multiplies the faults' probabilities (0: none, to compare).
+    fault_scale: f64,
 }
 
 fn parse_args() -> Res<Args> {
@@ -62,6 +65,7 @@ fn parse_args() -> Res<Args> {
         scenarios: Vec::new(),
         duration: 60,
         clients: 1000,
+        fault_scale: 1.0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
@@ -70,6 +74,7 @@ fn parse_args() -> Res<Args> {
             "--bench" => {}
             "--duration" => args.duration = it.next().ok_or("--duration SECS")?.parse()?,
             "--clients" => args.clients = it.next().ok_or("--clients N")?.parse()?,
+            "--fault-scale" => args.fault_scale = it.next().ok_or("--fault-scale F")?.parse()?,
             s if s.starts_with("--") => return Err(format!("unknown option {s}").into()),
             s => args.scenarios.push(s.to_string()),
         }
@@ -105,7 +110,7 @@ fn main() {
                 "startup" => startup().await,
                 "shutdown" => shutdown().await,
                 "profile" => profile().await,
-                "faults" => faults(args.duration, args.clients).await,
+                "faults" => faults(args.duration, args.clients, args.fault_scale).await,
                 other => Err(format!("unknown scenario {other}").into()),
             };
             if let Err(e) = r {
@@ -854,7 +859,16 @@ async fn cpu() -> Res<()> {
          (user + sys) | service CPU µs/upstream call | bench CPU µs/login |"
     );
     println!("|---|---|---|---|---|---|---|---|");
-    let runs: [(&str, Vec<String>, &str, &str, Option<pb::Scopes>, usize); 3] = [
+    // (name, connector lines, log level, user, scopes, logins)
+    type Run = (
+        &'static str,
+        Vec<String>,
+        &'static str,
+        &'static str,
+        Option<pb::Scopes>,
+        usize,
+    );
+    let runs: [Run; 3] = [
         (
             "plain: 1 workspace, no group options",
             vec![],
@@ -1052,7 +1066,7 @@ impl Tally {
     }
 }
 
-async fn faults(duration: u64, clients: usize) -> Res<()> {
+async fn faults(duration: u64, clients: usize, scale: f64) -> Res<()> {
     const CONNECTIONS: usize = 20;
     const DEADLINE: Duration = Duration::from_secs(10);
     let fake = FakeBitbucket::start(bench_fixture()).await?;
@@ -1067,15 +1081,15 @@ async fn faults(duration: u64, clients: usize) -> Res<()> {
     )
     .await?;
     // A faulted request goes to any endpoint; the code exchange is never retried.
-    fake.inject_random(Endpoint::Any, Fault::Status(503), 0.05);
+    fake.inject_random(Endpoint::Any, Fault::Status(503), 0.05 * scale);
     fake.inject_random(
         Endpoint::Any,
         Fault::Delay(Duration::from_millis(1500)),
-        0.01,
+        0.01 * scale,
     );
-    fake.inject_random(Endpoint::Any, Fault::Garbage, 0.01);
+    fake.inject_random(Endpoint::Any, Fault::Garbage, 0.01 * scale);
     println!(
-        "{clients} clients for {duration} s, each logging in back to back (bench-5: 5 workspaces, \
+        "{clients} clients for {duration} s (fault scale {scale}), each logging in back to back (bench-5: 5 workspaces, \
          groups + permissions, group cache off) with a {}-s deadline, over {CONNECTIONS} \
          connections. The fake answers 5% of requests 503, delays 1% by 1.5 s \
          (upstreamTimeout 1s), and sends 1% garbage bodies, on any endpoint.\n",
@@ -1118,7 +1132,7 @@ async fn faults(duration: u64, clients: usize) -> Res<()> {
     // Health every 100 ms on its own connection; RSS every 5 s.
     let health_ch = svc.channel().await?;
     let mut health_counts: BTreeMap<String, u64> = BTreeMap::new();
-    let mut rss_series = vec![(0u64, start_rss)];
+    let mut rss_series = vec![(0u64, start_rss, open_fds(svc.pid))];
     let t0 = Instant::now();
     let mut next_rss = 5;
     while Instant::now() < end {
@@ -1130,7 +1144,7 @@ async fn faults(duration: u64, clients: usize) -> Res<()> {
         };
         *health_counts.entry(k).or_default() += 1;
         if t0.elapsed().as_secs() >= next_rss {
-            rss_series.push((next_rss, svc.status_kb("VmRSS")));
+            rss_series.push((next_rss, svc.status_kb("VmRSS"), open_fds(svc.pid)));
             next_rss += 5;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -1140,7 +1154,7 @@ async fn faults(duration: u64, clients: usize) -> Res<()> {
     let drained_ms = drain.elapsed().as_millis();
     tokio::time::sleep(Duration::from_millis(500)).await;
     let end_rss = svc.status_kb("VmRSS");
-    rss_series.push((t0.elapsed().as_secs(), end_rss));
+    rss_series.push((t0.elapsed().as_secs(), end_rss, open_fds(svc.pid)));
     let metrics = svc.metrics().await?;
     let retries = metric(&metrics, "bitbucket_connector_upstream_retries_total", &[]);
     let stderr = svc.stderr_text();
@@ -1173,10 +1187,10 @@ async fn faults(duration: u64, clients: usize) -> Res<()> {
     println!("| panics in the service's stderr | {panics} |");
     println!("| health checks | {health_counts:?} |");
     println!(
-        "| VmRSS MB at t=s | {} |",
+        "| VmRSS MB (open fds) at t=s | {} |",
         rss_series
             .iter()
-            .map(|(t, kb)| format!("{t}: {:.1}", mb(*kb)))
+            .map(|(t, kb, fds)| format!("{t}: {:.1} ({fds})", mb(*kb)))
             .collect::<Vec<_>>()
             .join(", ")
     );
@@ -1345,12 +1359,11 @@ async fn profile() -> Res<()> {
     // The dump is callgrind.out.1 (from -d); the exit dump is the other.
     let dump = std::fs::read_dir(dir.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
+        .find(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
                 .is_some_and(|n| n.starts_with("callgrind.out") && n.ends_with(".1"))
         })
-        .next()
         .ok_or("no callgrind dump")?;
     let ann = Command::new("callgrind_annotate")
         .args(["--inclusive=yes", "--threshold=99"])
