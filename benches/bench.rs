@@ -486,6 +486,14 @@ fn proc_cpu(pid: u32) -> (f64, f64) {
     (ticks(11) / clock_ticks(), ticks(12) / clock_ticks())
 }
 
+fn fake_addr(fake: &FakeBitbucket) -> Res<SocketAddr> {
+    Ok(fake
+        .base_url()
+        .strip_prefix("http://")
+        .ok_or("fake base url")?
+        .parse()?)
+}
+
 async fn http_get(addr: SocketAddr, path: &str) -> Res<String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let mut s = tokio::net::TcpStream::connect(addr).await?;
@@ -624,6 +632,18 @@ async fn login_latency() -> Res<()> {
         for l_ms in [0u64, 20, 50] {
             let l = Duration::from_millis(l_ms);
             fake.set_delay(l);
+            // One request straight to the fake, no service: the fixed cost of
+            // the injected delay itself.
+            let mut direct = Vec::new();
+            for _ in 0..20 {
+                let t = Instant::now();
+                http_get(fake_addr(&fake)?, "/2.0/user").await?;
+                direct.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            println!(
+                "| {cache} | {l_ms} ms | one GET to the fake alone | | | | {:.1} | |",
+                pct(&sorted(direct), 50.0)
+            );
             for &n in &[1usize, 20, 100] {
                 let user = username(n);
                 for _ in 0..WARMUP {
