@@ -48,7 +48,7 @@ pub fn serve(path: &Path) -> Result<(), String> {
     if !files.is_empty() {
         return Err(files.join("\n"));
     }
-    telemetry::init_logging(&cfg.logger);
+    let _log = telemetry::init_logging(&cfg.logger);
     install_crypto();
     let json = cfg.logger.format == crate::config::LogFormat::Json;
     let result = runtime()?.block_on(async move {
@@ -163,7 +163,7 @@ pub fn demo(addr: SocketAddr, telemetry: Option<SocketAddr>) -> Result<(), Strin
             .await
             .map_err(|e| format!("cannot start the fake Bitbucket: {e}"))?;
         let cfg = demo_config(&fake, &fixture, addr, telemetry, &key)?;
-        telemetry::init_logging(&cfg.logger);
+        let _log = telemetry::init_logging(&cfg.logger);
         let listener = Listener::bind(&cfg.grpc.addr).await?;
         let app = App::new(cfg)?;
         print_walkthrough(&fake, &cfg_redirect(&app), addr);

@@ -80,7 +80,7 @@ impl Service {
             Ok(_permit) => match self.connectors.select(connector_id) {
                 Err(e) => Err(into_status(&e)),
                 Ok(c) => {
-                    record.connector = c.id().to_string();
+                    record.connector = connector_id_for_logs(c.id());
                     UPSTREAM_CALLS
                         .scope(record.upstream_calls.clone(), f(c.clone(), deadline))
                         .await
@@ -128,24 +128,23 @@ impl Record<'_> {
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
         let ms = elapsed.as_secs_f64() * 1000.0;
-        let connector = self.connector.as_str();
+        // Method, code and connector id are ours (static names, a validated
+        // config id) and the request id is checked to be printable ASCII
+        // without spaces in `request_id()`: shown with Display, not Debug,
+        // which escapes and quotes char by char (the bulk of the line's cost).
+        let connector = tracing::field::display(self.connector.as_str());
         let code = code_name(code);
-        let request_id = self.request_id.as_str();
+        let request_id = tracing::field::display(self.request_id.as_str());
         let upstream_calls = self.upstream_calls.load(Ordering::Relaxed);
+        let rpc = tracing::field::display(method);
         match error {
-            None => tracing::info!(
-                rpc = method,
-                connector,
-                code,
-                ms,
-                upstream_calls,
-                request_id,
-                "rpc"
-            ),
+            None => {
+                tracing::info!(rpc, connector, code = %code, ms, upstream_calls, request_id, "rpc")
+            }
             Some(error) if is_server_fault(code) => tracing::warn!(
-                rpc = method,
+                rpc,
                 connector,
-                code,
+                code = %code,
                 ms,
                 upstream_calls,
                 request_id,
@@ -153,9 +152,9 @@ impl Record<'_> {
                 "rpc"
             ),
             Some(error) => tracing::info!(
-                rpc = method,
+                rpc,
                 connector,
-                code,
+                code = %code,
                 ms,
                 upstream_calls,
                 request_id,
@@ -320,7 +319,13 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 fn connector_id_for_logs(id: &str) -> String {
     match id {
         "" => "-".to_string(),
-        id => id.chars().take(64).collect(),
+        // Caller-supplied (an unknown id is logged too): nothing that could
+        // break or forge a log line survives, as the line shows it unquoted.
+        id => id
+            .chars()
+            .take(64)
+            .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+            .collect(),
     }
 }
 
@@ -424,6 +429,24 @@ mod tests {
         for bad in ["", "m", "100", "123456789S", "-1S", "1x", "1.5S"] {
             assert_eq!(parse_grpc_timeout(bad), None, "{bad:?}");
         }
+    }
+
+    #[test]
+    fn ids_in_log_lines_cannot_break_or_forge_a_line() {
+        assert_eq!(connector_id_for_logs(""), "-");
+        assert_eq!(connector_id_for_logs("bitbucket-cloud"), "bitbucket-cloud");
+        assert_eq!(
+            connector_id_for_logs("x\ncode=OK ms=1\u{1b}[31m"),
+            "x?code=OK?ms=1?[31m"
+        );
+        assert_eq!(connector_id_for_logs(&"a".repeat(100)).len(), 64);
+        let mut meta = tonic::metadata::MetadataMap::new();
+        meta.insert("x-request-id", "req-42".parse().unwrap());
+        assert_eq!(request_id(&meta), "req-42");
+        meta.insert("x-request-id", "a b".parse().unwrap());
+        let generated = request_id(&meta);
+        assert_eq!(generated.len(), 16, "{generated}");
+        assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
     }
 
     #[test]
