@@ -111,6 +111,7 @@ pub struct Endpoints {
 pub struct Client {
     http: Http,
     oauth: OAuthClient,
+    token_url: Url,
     api: Url,
     legacy: Url,
 }
@@ -139,6 +140,7 @@ impl Client {
         Ok(Client {
             http: Http::new(metrics, opts)?,
             oauth,
+            token_url: endpoints.token_url.clone(),
             api: endpoints.api_url.clone(),
             legacy: endpoints.legacy_api_url.clone(),
         })
@@ -166,6 +168,7 @@ impl Client {
     ) -> Result<Grant, UpstreamError> {
         let http = TokenHttp {
             http: &self.http,
+            url: &self.token_url,
             deadline,
         };
         let resp = self
@@ -185,6 +188,7 @@ impl Client {
     ) -> Result<Grant, UpstreamError> {
         let http = TokenHttp {
             http: &self.http,
+            url: &self.token_url,
             deadline,
         };
         let rt = RefreshToken::new(refresh_token.expose().to_string());

@@ -132,6 +132,9 @@ pub struct TokenHttpError(pub UpstreamError);
 /// 429 and 5xx become errors here, before oauth2 tries to parse them.
 pub struct TokenHttp<'a> {
     pub http: &'a Http,
+    /// The token URL oauth2 was given, already parsed: oauth2's request
+    /// carries the same one as an `http::Uri`.
+    pub url: &'a url::Url,
     pub deadline: Instant,
 }
 
@@ -142,13 +145,8 @@ impl<'c> oauth2::AsyncHttpClient<'c> for TokenHttp<'_> {
     fn call(&'c self, request: HttpRequest) -> Self::Future {
         Box::pin(async move {
             let (parts, body) = request.into_parts();
-            let url = url::Url::parse(&parts.uri.to_string()).map_err(|e| {
-                TokenHttpError(UpstreamError::Invalid {
-                    endpoint: TOKEN_ENDPOINT,
-                    detail: format!("bad token URL: {e}"),
-                })
-            })?;
-            let mut req = self.http.post(&url).body(body);
+            debug_assert_eq!(parts.uri.path(), self.url.path());
+            let mut req = self.http.post(self.url).body(body);
             for (name, value) in &parts.headers {
                 req = req.header(name, value);
             }
