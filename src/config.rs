@@ -134,7 +134,16 @@ pub struct ConnectorConfig {
     pub legacy_api_url: Url,
     /// Timeout of one upstream HTTP request (one attempt).
     pub upstream_timeout: Duration,
+    /// Upstream HTTP requests this connector has open at once; more wait
+    /// (within their RPC's deadline).
+    pub upstream_max_in_flight: usize,
 }
+
+/// Bounds the sockets a burst of logins opens to Bitbucket (or an HTTP/1.1
+/// proxy, where each request in flight is a connection): well under the
+/// usual 1,024 open-files limit, and above what one login of a user in 100
+/// workspaces needs at once.
+pub const DEFAULT_UPSTREAM_MAX_IN_FLIGHT: usize = 256;
 
 impl ConnectorConfig {
     /// The one-line summary `check-config` prints; no secrets.
@@ -711,6 +720,7 @@ impl Walker<'_> {
                 "apiURL",
                 "legacyAPIURL",
                 "upstreamTimeout",
+                "upstreamMaxInFlight",
             ],
         )?;
         let k = |key: &str| join(&cp, key);
@@ -777,6 +787,12 @@ impl Walker<'_> {
                 &k("upstreamTimeout"),
                 c.get("upstreamTimeout"),
                 Duration::from_secs(10),
+            ),
+            upstream_max_in_flight: self.usize(
+                &k("upstreamMaxInFlight"),
+                c.get("upstreamMaxInFlight"),
+                DEFAULT_UPSTREAM_MAX_IN_FLIGHT,
+                1,
             ),
         })
     }

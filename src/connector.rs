@@ -22,7 +22,7 @@ use crate::secret::Secret;
 /// An access token with less than this left is refreshed first.
 pub const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 /// Workspaces whose permission and groups are read at once, per login.
-pub const WORKSPACE_CONCURRENCY: usize = 32;
+pub const WORKSPACE_CONCURRENCY: usize = 100;
 /// Longest `raw_query` accepted.
 pub const MAX_RAW_QUERY: usize = 8 * 1024;
 
@@ -169,6 +169,7 @@ impl Connector {
         };
         let http = bitbucket::HttpOptions {
             attempt_timeout: cfg.upstream_timeout,
+            max_in_flight: cfg.upstream_max_in_flight,
             ..http
         };
         let client = bitbucket::Client::new(

@@ -203,6 +203,8 @@ impl FakeBitbucket {
             hits: Default::default(),
             total: AtomicU64::new(0),
             token_in_query: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
             state: Mutex::new(ServerState::new(fixture)),
         });
         let (stop, stop_rx) = watch::channel(false);
@@ -335,6 +337,11 @@ impl FakeBitbucket {
     /// token of that user (by username or nickname) stops working.
     /// Every access and refresh token minted (the latest 10,000), so that a
     /// test can search what the service wrote for them.
+    /// The most requests this fake has been answering at the same time.
+    pub fn max_concurrent_requests(&self) -> u64 {
+        self.inner.shared.max_in_flight.load(Ordering::Relaxed)
+    }
+
     pub fn issued_tokens(&self) -> Vec<String> {
         self.inner.shared.lock().history.iter().cloned().collect()
     }
@@ -401,6 +408,9 @@ struct Shared {
     hits: [AtomicU64; Endpoint::COUNT],
     total: AtomicU64,
     token_in_query: AtomicU64,
+    /// Requests being answered now, and the most seen at once.
+    in_flight: AtomicU64,
+    max_in_flight: AtomicU64,
     state: Mutex<ServerState>,
 }
 

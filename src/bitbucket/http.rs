@@ -37,6 +37,8 @@ pub struct HttpOptions {
     pub max_body_bytes: usize,
     /// Longest Retry-After honoured; a longer one fails at once.
     pub max_retry_after: Duration,
+    /// Requests open at once through this client; more wait for a slot.
+    pub max_in_flight: usize,
 }
 
 impl Default for HttpOptions {
@@ -47,6 +49,7 @@ impl Default for HttpOptions {
             backoff: Duration::from_millis(100),
             max_body_bytes: 4 * 1024 * 1024,
             max_retry_after: Duration::from_secs(10),
+            max_in_flight: crate::config::DEFAULT_UPSTREAM_MAX_IN_FLIGHT,
         }
     }
 }
@@ -58,10 +61,14 @@ pub struct Response {
     pub body: Bytes,
 }
 
+/// Idle pooled connections kept per upstream host.
+const IDLE_CONNECTIONS_PER_HOST: usize = 64;
+
 pub struct Http {
     client: reqwest::Client,
     metrics: Metrics,
     opts: HttpOptions,
+    slots: tokio::sync::Semaphore,
 }
 
 enum Attempt {
@@ -79,12 +86,16 @@ impl Http {
             // Redirects could carry the Authorization header elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(opts.attempt_timeout)
-            .pool_idle_timeout(Duration::from_secs(60))
+            // After a burst over HTTP/1.1 (a proxy, or the fake), keep a few
+            // connections warm, not one per request that was in flight.
+            .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
+            .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Http {
             client,
             metrics,
+            slots: tokio::sync::Semaphore::new(opts.max_in_flight.max(1)),
             opts,
         })
     }
@@ -200,7 +211,16 @@ impl Http {
         if now >= deadline {
             return Attempt::Fail(UpstreamError::DeadlineExceeded { endpoint });
         }
-        let budget = self.opts.attempt_timeout.min(deadline - now);
+        // A slot is waited for within the deadline, and held for one attempt
+        // only (never across a backoff), so waiting cannot deadlock.
+        let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
+            return Attempt::Fail(UpstreamError::DeadlineExceeded { endpoint });
+        };
+        let now = Instant::now();
+        let budget = self
+            .opts
+            .attempt_timeout
+            .min(deadline.saturating_duration_since(now));
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(budget, self.exchange(req)).await;
         let secs = started.elapsed().as_secs_f64();

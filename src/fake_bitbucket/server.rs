@@ -110,6 +110,9 @@ async fn handle(
     ctl: Arc<ConnControl>,
 ) -> Result<Response, Infallible> {
     shared.total.fetch_add(1, Ordering::Relaxed);
+    let now = shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+    shared.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    let _leave = Leave(&shared.in_flight);
     if req.uri().query().is_some_and(|q| {
         url::form_urlencoded::parse(q.as_bytes()).any(|(k, _)| k == "access_token")
     }) {
@@ -122,6 +125,14 @@ async fn handle(
     }
     req.extensions_mut().insert(ctl);
     router.oneshot(req.map(Body::new)).await
+}
+
+struct Leave<'a>(&'a std::sync::atomic::AtomicU64);
+
+impl Drop for Leave<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub(super) type St = AxState<Arc<Shared>>;

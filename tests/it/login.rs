@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use bitbucket_connector::fake_bitbucket::{
-    Endpoint, Fault, Fixture, Membership, TokenQuirks, ALICE_UUID, BOB_UUID, DEMO_ADMIN_PASSWORD,
-    DEMO_ADMIN_USERNAME,
+    Endpoint, Fault, Fixture, Membership, TokenQuirks, Workspace, ALICE_UUID, BOB_UUID,
+    DEMO_ADMIN_PASSWORD, DEMO_ADMIN_USERNAME,
 };
 use tonic::Code;
 
@@ -734,6 +734,46 @@ async fn caller_deadline_is_deadline_exceeded_and_the_server_keeps_serving() {
     env.fake.set_delay(Duration::ZERO);
     env.assert_serving().await;
     env.login("alice", scopes(false, false)).await.unwrap();
+}
+
+/// Alice in 12 more workspaces, both group options on, 50 ms per upstream
+/// answer: the most requests the fake saw at once, and the groups.
+async fn widest_login(extra: Option<&str>) -> (u64, Vec<String>) {
+    let mut setup = Setup::default()
+        .connector("includeTeamGroups: true")
+        .connector("getWorkspacePermissions: true");
+    if let Some(line) = extra {
+        setup = setup.connector(line);
+    }
+    let env = setup.start().await;
+    env.fake.update_fixture(|f| {
+        for w in 0..12 {
+            f.workspaces.push(Workspace {
+                slug: format!("extra-{w}"),
+                uuid: format!("{{e0000000-0000-4000-8000-{w:012}}}"),
+                name: format!("Extra {w}"),
+                members: vec![Membership {
+                    user_uuid: ALICE_UUID.to_string(),
+                    permission: "member".into(),
+                }],
+                groups: vec![],
+            });
+        }
+    });
+    env.fake.set_delay(Duration::from_millis(50));
+    let id = env.login("alice", scopes(false, true)).await.unwrap();
+    env.assert_serving().await;
+    (env.fake.max_concurrent_requests(), id.groups)
+}
+
+#[tokio::test]
+async fn upstream_requests_in_flight_are_capped_per_connector() {
+    let (wide, groups) = widest_login(None).await;
+    assert!(wide >= 24, "a login's workspace calls run at once: {wide}");
+    assert!(groups.iter().any(|g| g == "extra-11:member"), "{groups:?}");
+    let (capped, capped_groups) = widest_login(Some("upstreamMaxInFlight: 3")).await;
+    assert!(capped <= 3, "more than the cap at once: {capped}");
+    assert_eq!(capped_groups, groups);
 }
 
 #[tokio::test]
