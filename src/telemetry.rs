@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 /// Lines are formatted on the caller's thread and written to stderr by a
 /// dedicated thread, which batches them under load (one `write(2)` for many
 /// lines instead of one per RPC, and no file lock taken on the request path).
-/// Never lossy: when that thread falls 128k lines behind, callers wait. Keep
+/// Never lossy: when that thread falls 8k lines behind, callers wait. Keep
 /// the guard until the process ends; dropping it flushes what is queued.
 #[must_use = "dropping the guard stops the log writer"]
 pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::WorkerGuard {
@@ -32,6 +32,9 @@ pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::Worke
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
+        // The queue is allocated up front: 8k lines is 256 KiB (the default
+        // 128k lines would be 4 MiB of a 10 MB process).
+        .buffered_lines_limit(8 * 1024)
         .thread_name("log-writer")
         .finish(std::io::BufWriter::with_capacity(
             64 * 1024,

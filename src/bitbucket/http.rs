@@ -61,9 +61,6 @@ pub struct Response {
     pub body: Bytes,
 }
 
-/// Idle pooled connections kept per upstream host.
-const IDLE_CONNECTIONS_PER_HOST: usize = 64;
-
 pub struct Http {
     client: reqwest::Client,
     metrics: Metrics,
@@ -86,9 +83,9 @@ impl Http {
             // Redirects could carry the Authorization header elsewhere.
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(opts.attempt_timeout)
-            // After a burst over HTTP/1.1 (a proxy, or the fake), keep a few
-            // connections warm, not one per request that was in flight.
-            .pool_max_idle_per_host(IDLE_CONNECTIONS_PER_HOST)
+            // Over HTTP/1.1 (a proxy, or the fake) every request in flight is
+            // a connection: keep as many warm as may be used at once, no more.
+            .pool_max_idle_per_host(opts.max_in_flight.max(1))
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
