@@ -127,7 +127,8 @@ impl Record<'_> {
             .rpc_duration
             .get_or_create(&MethodLabels { method })
             .observe(elapsed.as_secs_f64());
-        let ms = elapsed.as_secs_f64() * 1000.0;
+        // Whole microseconds, so the line reads 13.281, not 13.281203999999999.
+        let ms = elapsed.as_micros() as f64 / 1000.0;
         // Method, code and connector id are ours (static names, a validated
         // config id) and the request id is checked to be printable ASCII
         // without spaces in `request_id()`: shown with Display, not Debug,
