@@ -55,7 +55,31 @@ pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::Worke
             .try_init(),
         LogFormat::Text => builder.try_init(),
     };
+    std::panic::set_hook(Box::new(log_panic));
     guard
+}
+
+/// A panic becomes one log event (one JSON object with `logger.format: json`),
+/// not the default hook's free text. Tasks that panic are contained by tokio:
+/// the RPC fails and the process keeps serving.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let payload = info
+        .payload()
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| info.payload().downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)");
+    let location = info
+        .location()
+        .map(|l| format!("{}:{}", l.file(), l.line()))
+        .unwrap_or_default();
+    let thread = std::thread::current();
+    tracing::error!(
+        thread = thread.name().unwrap_or("-"),
+        location,
+        panic = payload,
+        "panicked"
+    );
 }
 
 /// Serves the telemetry endpoint; the task ends when aborted.
@@ -118,4 +142,52 @@ pub async fn serve_http(
             tracing::error!(error = %e, "telemetry endpoint failed");
         }
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panic_is_one_json_log_line() {
+        let buf = Buf::default();
+        let writer = buf.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .json()
+            .flatten_event(true)
+            .with_writer(move || writer.clone())
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(super::log_panic));
+            let r = std::panic::catch_unwind(|| panic!("boom {}", 42));
+            std::panic::set_hook(previous);
+            assert!(r.is_err());
+        });
+        let out = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        let lines: Vec<&str> = out.lines().collect();
+        assert_eq!(lines.len(), 1, "{out}");
+        let v: serde_json::Value = serde_json::from_str(lines[0]).unwrap();
+        assert_eq!(v["message"], "panicked", "{v}");
+        assert_eq!(v["panic"], "boom 42", "{v}");
+        assert_eq!(v["level"], "ERROR", "{v}");
+        assert!(
+            v["location"].as_str().unwrap().contains("telemetry.rs"),
+            "{v}"
+        );
+    }
 }
