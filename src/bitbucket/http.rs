@@ -86,7 +86,10 @@ impl Http {
             // Over HTTP/1.1 (a proxy, or the fake) every request in flight is
             // a connection: keep as many warm as may be used at once, no more.
             .pool_max_idle_per_host(opts.max_in_flight.max(1))
-            .pool_idle_timeout(Duration::from_secs(30))
+            // Under the servers' own idle limits (hyper's default 30 s, ALBs
+            // 60 s, nginx 75 s): a pooled connection the server is closing
+            // just as a POST goes out fails that POST, which is not retried.
+            .pool_idle_timeout(Duration::from_secs(20))
             .build()
             .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
         Ok(Http {
