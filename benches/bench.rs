@@ -1203,7 +1203,7 @@ async fn faults(duration: u64, clients: usize, scale: f64) -> Res<()> {
     }
     println!("| logins/s | {:.0} |", sent as f64 / duration as f64);
     println!("| upstream requests (fake) | {} |", fake.total_hits());
-    println!("| upstream retries (service) | {retries:.0} |");
+    println!("| upstream retries (service) | {:.0} |", retries.max(0.0));
     println!("| panics in the service's stderr | {panics} |");
     println!("| health checks | {health_counts:?} |");
     println!(
