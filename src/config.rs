@@ -1007,6 +1007,32 @@ connectors:
     }
 
     #[test]
+    fn upstream_max_in_flight_defaults_to_256_and_must_be_positive() {
+        let c = Config::parse(GOOD, &env).unwrap();
+        assert_eq!(c.connectors[0].upstream_max_in_flight, 256);
+        let set = GOOD.replace(
+            "    includeTeamGroups: true\n",
+            "    upstreamMaxInFlight: 8\n",
+        );
+        assert_eq!(
+            Config::parse(&set, &env).unwrap().connectors[0].upstream_max_in_flight,
+            8
+        );
+        for bad in ["0", "-1", "many"] {
+            let text = GOOD.replace(
+                "    includeTeamGroups: true\n",
+                &format!("    upstreamMaxInFlight: {bad}\n"),
+            );
+            let errs = Config::parse(&text, &env).unwrap_err().0;
+            assert_eq!(errs.len(), 1, "{errs:?}");
+            assert!(
+                errs[0].starts_with("connectors[0].config.upstreamMaxInFlight: "),
+                "{errs:?}"
+            );
+        }
+    }
+
+    #[test]
     fn debug_output_redacts_secrets() {
         let c = Config::parse(GOOD, &env).unwrap();
         let dbg = format!("{c:?}");
