@@ -524,7 +524,9 @@ fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
                 .all(|(k, v)| l.contains(&format!("{k}=\"{v}\"")))
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+        // Not `sum()`: an f64 sum of nothing is -0.0, printed "-0" for a
+        // family with no series yet.
+        .fold(0.0, |a, b| a + b)
 }
 
 fn scopes(groups: bool, offline: bool) -> Option<pb::Scopes> {
@@ -1203,7 +1205,7 @@ async fn faults(duration: u64, clients: usize, scale: f64) -> Res<()> {
     }
     println!("| logins/s | {:.0} |", sent as f64 / duration as f64);
     println!("| upstream requests (fake) | {} |", fake.total_hits());
-    println!("| upstream retries (service) | {:.0} |", retries.max(0.0));
+    println!("| upstream retries (service) | {retries:.0} |");
     println!("| panics in the service's stderr | {panics} |");
     println!("| health checks | {health_counts:?} |");
     println!(

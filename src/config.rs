@@ -139,12 +139,6 @@ pub struct ConnectorConfig {
     pub upstream_max_in_flight: usize,
 }
 
-/// Bounds the sockets a burst of logins opens to Bitbucket (or an HTTP/1.1
-/// proxy, where each request in flight is a connection): well under the
-/// usual 1,024 open-files limit, and above what one login of a user in 100
-/// workspaces needs at once.
-pub const DEFAULT_UPSTREAM_MAX_IN_FLIGHT: usize = 256;
-
 impl ConnectorConfig {
     /// The one-line summary `check-config` prints; no secrets.
     pub fn summary(&self) -> String {
@@ -791,7 +785,7 @@ impl Walker<'_> {
             upstream_max_in_flight: self.usize(
                 &k("upstreamMaxInFlight"),
                 c.get("upstreamMaxInFlight"),
-                DEFAULT_UPSTREAM_MAX_IN_FLIGHT,
+                crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
                 1,
             ),
         })

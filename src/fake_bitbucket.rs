@@ -333,19 +333,19 @@ impl FakeBitbucket {
         self.inner.shared.lock().settings.quirks = q;
     }
 
-    /// The user revoked the consumer: every code, access token and refresh
-    /// token of that user (by username or nickname) stops working.
-    /// Every access and refresh token minted (the latest 10,000), so that a
-    /// test can search what the service wrote for them.
     /// The most requests this fake has been answering at the same time.
     pub fn max_concurrent_requests(&self) -> u64 {
         self.inner.shared.max_in_flight.load(Ordering::Relaxed)
     }
 
+    /// Every access and refresh token minted (the latest 10,000), so that a
+    /// test can search what the service wrote for them.
     pub fn issued_tokens(&self) -> Vec<String> {
         self.inner.shared.lock().history.iter().cloned().collect()
     }
 
+    /// The user revoked the consumer: every code, access token and refresh
+    /// token of that user (by username or nickname) stops working.
     pub fn revoke_grants(&self, username: &str) {
         let mut st = self.inner.shared.lock();
         let Some(&u) = st.index.user_by_name.get(username) else {

@@ -129,39 +129,20 @@ impl Record<'_> {
             .observe(elapsed.as_secs_f64());
         // Whole microseconds, so the line reads 13.281, not 13.281203999999999.
         let ms = elapsed.as_micros() as f64 / 1000.0;
-        // Method, code and connector id are ours (static names, a validated
-        // config id) and the request id is checked to be printable ASCII
-        // without spaces in `request_id()`: shown with Display, not Debug,
-        // which escapes and quotes char by char (the bulk of the line's cost).
+        // Shown with Display, not Debug (which escapes and quotes char by
+        // char, the bulk of the line's cost): method and code are static names,
+        // and both ids are reduced to printable ASCII without spaces first
+        // (`connector_id_for_logs`, `request_id`). `error` stays Debug-quoted.
         let connector = tracing::field::display(self.connector.as_str());
         let code = code_name(code);
         let request_id = tracing::field::display(self.request_id.as_str());
         let upstream_calls = self.upstream_calls.load(Ordering::Relaxed);
         let rpc = tracing::field::display(method);
-        match error {
-            None => {
-                tracing::info!(rpc, connector, code = %code, ms, upstream_calls, request_id, "rpc")
-            }
-            Some(error) if is_server_fault(code) => tracing::warn!(
-                rpc,
-                connector,
-                code = %code,
-                ms,
-                upstream_calls,
-                request_id,
-                error,
-                "rpc"
-            ),
-            Some(error) => tracing::info!(
-                rpc,
-                connector,
-                code = %code,
-                ms,
-                upstream_calls,
-                request_id,
-                error,
-                "rpc"
-            ),
+        // `error: None` records no field.
+        if error.is_some() && is_server_fault(code) {
+            tracing::warn!(rpc, connector, code = %code, ms, upstream_calls, request_id, error, "rpc");
+        } else {
+            tracing::info!(rpc, connector, code = %code, ms, upstream_calls, request_id, error, "rpc");
         }
     }
 }

@@ -63,7 +63,7 @@ pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::Worke
 
 /// `name=value` fields, the message bare: the default field formatter's
 /// output without its styling, which it applies (as empty styles) even with
-/// colour off, at a third of the per-line cost.
+/// colour off (3.4 k of the access line's 11.2 k instructions).
 fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
     use tracing_subscriber::field::MakeExt;
     tracing_subscriber::fmt::format::debug_fn(

@@ -25,6 +25,12 @@ pub enum Auth<'a> {
     },
 }
 
+/// Bounds the sockets a burst of logins opens to Bitbucket (or an HTTP/1.1
+/// proxy, where each request in flight is a connection): well under the
+/// usual 1,024 open-files limit, and above what one login of a user in 100
+/// workspaces needs at once.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
     /// Timeout of one attempt.
@@ -49,7 +55,7 @@ impl Default for HttpOptions {
             backoff: Duration::from_millis(100),
             max_body_bytes: 4 * 1024 * 1024,
             max_retry_after: Duration::from_secs(10),
-            max_in_flight: crate::config::DEFAULT_UPSTREAM_MAX_IN_FLIGHT,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
         }
     }
 }
@@ -78,6 +84,7 @@ enum Attempt {
 impl Http {
     pub fn new(metrics: Metrics, opts: HttpOptions) -> Result<Http, String> {
         install_crypto();
+        let slots = opts.max_in_flight.max(1);
         let client = reqwest::Client::builder()
             .user_agent(concat!("bitbucket-connector/", env!("CARGO_PKG_VERSION")))
             // Redirects could carry the Authorization header elsewhere.
@@ -85,7 +92,7 @@ impl Http {
             .connect_timeout(opts.attempt_timeout)
             // Over HTTP/1.1 (a proxy, or the fake) every request in flight is
             // a connection: keep as many warm as may be used at once, no more.
-            .pool_max_idle_per_host(opts.max_in_flight.max(1))
+            .pool_max_idle_per_host(slots)
             // Under the servers' own idle limits (hyper's default 30 s, ALBs
             // 60 s, nginx 75 s): a pooled connection the server is closing
             // just as a POST goes out fails that POST, which is not retried.
@@ -95,7 +102,7 @@ impl Http {
         Ok(Http {
             client,
             metrics,
-            slots: tokio::sync::Semaphore::new(opts.max_in_flight.max(1)),
+            slots: tokio::sync::Semaphore::new(slots),
             opts,
         })
     }
@@ -207,8 +214,7 @@ impl Http {
         req: reqwest::RequestBuilder,
         deadline: Instant,
     ) -> Attempt {
-        let now = Instant::now();
-        if now >= deadline {
+        if Instant::now() >= deadline {
             return Attempt::Fail(UpstreamError::DeadlineExceeded { endpoint });
         }
         // A slot is waited for within the deadline, and held for one attempt
@@ -216,11 +222,10 @@ impl Http {
         let Ok(Ok(_slot)) = tokio::time::timeout_at(deadline, self.slots.acquire()).await else {
             return Attempt::Fail(UpstreamError::DeadlineExceeded { endpoint });
         };
-        let now = Instant::now();
         let budget = self
             .opts
             .attempt_timeout
-            .min(deadline.saturating_duration_since(now));
+            .min(deadline.saturating_duration_since(Instant::now()));
         let started = std::time::Instant::now();
         let outcome = tokio::time::timeout(budget, self.exchange(req)).await;
         let secs = started.elapsed().as_secs_f64();

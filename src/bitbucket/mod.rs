@@ -17,7 +17,7 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use url::Url;
 
-pub use self::http::{install_crypto, Auth, HttpOptions};
+pub use self::http::{install_crypto, Auth, HttpOptions, DEFAULT_MAX_IN_FLIGHT};
 use self::http::{Http, Response};
 use self::token::{classify, OAuthClient, TokenHttp};
 use self::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess, ApiWorkspacePermission, Page};

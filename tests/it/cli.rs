@@ -152,6 +152,100 @@ async fn wait_serving(health: &mut HealthClient<Channel>) {
     panic!("not serving");
 }
 
+/// The access line per RPC, as a log collector reads it: INFO without an
+/// `error` field when OK, INFO with the message for a caller's mistake, WARN
+/// with the message for an upstream outage.
+#[tokio::test]
+async fn access_lines_carry_the_error_and_warn_on_server_faults() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(
+        &fake,
+        &addr.to_string(),
+        "logger:\n  format: json\n",
+    ));
+    let child = tokio::process::Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(f.path())
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(channel.clone())).await;
+    let mut c = ConnectorServiceClient::new(channel);
+    let login_url = |callback: &str| pb::LoginUrlRequest {
+        callback_url: callback.into(),
+        state: "s".into(),
+        ..Default::default()
+    };
+    c.login_url(login_url(REDIRECT)).await.unwrap();
+    c.login_url(login_url("http://evil.example/cb"))
+        .await
+        .unwrap_err();
+    fake.inject(Endpoint::Token, Fault::Status(503), Some(1));
+    let err = c
+        .handle_callback(pb::HandleCallbackRequest {
+            raw_query: format!("code={}", fake.issue_code(CLIENT_ID, "alice")),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &serde_json::Value| v["message"] == "rpc")
+        .collect();
+    assert_eq!(lines.len(), 3, "{stderr}");
+    let (ok, mistake, outage) = (&lines[0], &lines[1], &lines[2]);
+    assert_eq!(
+        (&ok["rpc"], &ok["code"], &ok["level"]),
+        (&"LoginURL".into(), &"OK".into(), &"INFO".into()),
+        "{ok}"
+    );
+    assert!(ok.get("error").is_none(), "{ok}");
+    assert_eq!(
+        (&mistake["code"], &mistake["level"]),
+        (&"INVALID_ARGUMENT".into(), &"INFO".into()),
+        "{mistake}"
+    );
+    assert!(
+        mistake["error"]
+            .as_str()
+            .unwrap()
+            .starts_with("expected callback URL \"http://evil.example/cb\" did not match"),
+        "{mistake}"
+    );
+    assert_eq!(
+        (&outage["rpc"], &outage["code"], &outage["level"]),
+        (
+            &"HandleCallback".into(),
+            &"UNAVAILABLE".into(),
+            &"WARN".into()
+        ),
+        "{outage}"
+    );
+    assert_eq!(outage["error"], err.message(), "{outage}");
+}
+
 /// SIGTERM during a slow login: health flips to NOT_SERVING, the in-flight
 /// login still completes, and the process exits 0 with JSON-only logs.
 #[tokio::test]
