@@ -31,6 +31,53 @@ fn config_for(fake: &FakeBitbucket, addr: &str, extra_top: &str) -> String {
     )
 }
 
+/// `serve -c CONFIG` with the test secrets in its environment; stdout and
+/// stderr captured, killed if the test ends first.
+fn spawn_serve(config: &std::path::Path) -> tokio::process::Child {
+    tokio::process::Command::new(BIN)
+        .args(["serve", "-c"])
+        .arg(config)
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap()
+}
+
+/// The binary serving the fake with JSON logs, once SERVING; keep the config
+/// file alive as long as the child.
+async fn serve_json_logs() -> (
+    FakeBitbucket,
+    tempfile::NamedTempFile,
+    tokio::process::Child,
+    Channel,
+) {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(
+        &fake,
+        &addr.to_string(),
+        "logger:\n  format: json\n",
+    ));
+    let child = spawn_serve(f.path());
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(channel.clone())).await;
+    (fake, f, child, channel)
+}
+
+fn sigterm(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
 #[test]
 fn check_config_prints_every_problem_and_exits_1() {
     let f = write_config(
@@ -157,27 +204,7 @@ async fn wait_serving(health: &mut HealthClient<Channel>) {
 /// with the message for an upstream outage.
 #[tokio::test]
 async fn access_lines_carry_the_error_and_warn_on_server_faults() {
-    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
-    let addr = free_port();
-    let f = write_config(&config_for(
-        &fake,
-        &addr.to_string(),
-        "logger:\n  format: json\n",
-    ));
-    let child = tokio::process::Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(f.path())
-        .env("TEST_DATA_KEY", KEY_A)
-        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
-    wait_serving(&mut HealthClient::new(channel.clone())).await;
+    let (fake, _config, child, channel) = serve_json_logs().await;
     let mut c = ConnectorServiceClient::new(channel);
     let login_url = |callback: &str| pb::LoginUrlRequest {
         callback_url: callback.into(),
@@ -198,12 +225,7 @@ async fn access_lines_carry_the_error_and_warn_on_server_faults() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&child);
     let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
         .await
         .unwrap()
@@ -250,28 +272,8 @@ async fn access_lines_carry_the_error_and_warn_on_server_faults() {
 /// login still completes, and the process exits 0 with JSON-only logs.
 #[tokio::test]
 async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
-    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
-    let addr = free_port();
-    let f = write_config(&config_for(
-        &fake,
-        &addr.to_string(),
-        "logger:\n  format: json\n",
-    ));
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(f.path())
-        .env("TEST_DATA_KEY", KEY_A)
-        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let (fake, _config, mut child, channel) = serve_json_logs().await;
     let mut health = HealthClient::new(channel.clone());
-    wait_serving(&mut health).await;
 
     let mut watch = health
         .watch(HealthCheckRequest {
@@ -300,12 +302,7 @@ async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
             .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let pid = child.id().unwrap().to_string();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap()
-        .success());
+    sigterm(&child);
 
     // The watch may repeat SERVING before the flip; NOT_SERVING must follow.
     let flipped = tokio::time::timeout(Duration::from_secs(5), async {
@@ -361,15 +358,7 @@ async fn serves_on_a_unix_socket() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("bbc.sock");
     let f = write_config(&config_for(&fake, &format!("unix:{}", sock.display()), ""));
-    let mut child = tokio::process::Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(f.path())
-        .env("TEST_DATA_KEY", KEY_A)
-        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
-        .stderr(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let mut child = spawn_serve(f.path());
     let path = sock.clone();
     let channel = tonic::transport::Endpoint::from_static("http://localhost")
         .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
@@ -390,8 +379,7 @@ async fn serves_on_a_unix_socket() {
         .await
         .unwrap();
     assert!(resp.into_inner().url.starts_with(&fake.auth_url()));
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    sigterm(&child);
     assert_eq!(child.wait().await.unwrap().code(), Some(0));
     assert!(!sock.exists(), "the socket file should be removed on exit");
 }
@@ -402,21 +390,12 @@ async fn plaintext_on_a_public_address_without_tokens_warns_at_startup() {
     let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
     let port = free_port().port();
     let f = write_config(&config_for(&fake, &format!("0.0.0.0:{port}"), ""));
-    let child = tokio::process::Command::new(BIN)
-        .args(["serve", "-c"])
-        .arg(f.path())
-        .env("TEST_DATA_KEY", KEY_A)
-        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
+    let child = spawn_serve(f.path());
     let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
         .unwrap()
         .connect_lazy();
     wait_serving(&mut HealthClient::new(channel)).await;
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    sigterm(&child);
     let out = child.wait_with_output().await.unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
