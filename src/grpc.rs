@@ -367,8 +367,14 @@ pub fn into_status(e: &Error) -> Status {
         Error::Internal(_) => (Code::Internal, "INTERNAL"),
     };
     let mut metadata = HashMap::new();
-    if let Error::CallbackError { error, .. } = e {
-        metadata.insert("error".to_string(), error.clone());
+    match e {
+        Error::CallbackError { error, .. } => {
+            metadata.insert("error".to_string(), error.clone());
+        }
+        Error::NotInRequiredTeams { username } => {
+            metadata.insert("username".to_string(), username.clone());
+        }
+        _ => {}
     }
     status_with(code, e.to_string(), reason, metadata)
 }
@@ -444,6 +450,7 @@ mod tests {
         let info = s.get_details_error_info().unwrap();
         assert_eq!(info.reason, "NOT_IN_REQUIRED_TEAMS");
         assert_eq!(info.domain, ERROR_DOMAIN);
+        assert_eq!(info.metadata.get("username").map(String::as_str), Some("alice"));
     }
 
     #[test]
