@@ -26,7 +26,7 @@
 //! HTTP plumbing and fault application; `oauth` and `api` the endpoints;
 //! `fixture` the data; `schema` (tests) the spec-derived schemas; `control`
 //! the fake-only control API (`/_fake/...`, not in the schema checks, never
-//! counted or faulted).
+//! counted or faulted); `standalone` the `fake-bitbucket` command.
 
 mod api;
 mod control;
@@ -35,6 +35,7 @@ mod oauth;
 #[cfg(test)]
 mod schema;
 mod server;
+mod standalone;
 #[cfg(test)]
 mod tests;
 
@@ -43,6 +44,7 @@ pub use fixture::{
     BOB_UUID, DEMO_ADMIN_PASSWORD, DEMO_ADMIN_USERNAME, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET,
     DEMO_REDIRECT_URI,
 };
+pub use standalone::{add_wide_user, serve_standalone, StandaloneArgs, WIDE_UUID};
 
 // The submodules take these through `use super::*`.
 use std::collections::HashMap;
