@@ -126,7 +126,10 @@ impl FakeBitbucket {
     /// Every access token issued so far expires now (the next API call with
     /// one gets 401 "Access token expired"); returns how many were live.
     pub fn expire_access_tokens(&self) -> usize {
-        self.inner.shared.lock().expire_access_tokens(Instant::now())
+        self.inner
+            .shared
+            .lock()
+            .expire_access_tokens(Instant::now())
     }
 
     /// Zeroes the hit counters, the total and the `access_token` query count.
@@ -206,7 +209,10 @@ async fn set_settings(AxState(shared): St, body: axum::body::Bytes) -> Response 
             }
         }
     };
-    if parsed.access_token_ttl_secs.is_some_and(|t| t > MAX_TTL_SECS) {
+    if parsed
+        .access_token_ttl_secs
+        .is_some_and(|t| t > MAX_TTL_SECS)
+    {
         return control_error(
             StatusCode::BAD_REQUEST,
             &format!("settings: access_token_ttl_secs must be at most {MAX_TTL_SECS}"),

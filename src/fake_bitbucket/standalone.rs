@@ -37,7 +37,7 @@ pub const WIDE_UUID: &str = "{7e57a1de-0000-4000-8000-000000000001}";
 
 fn parse_redirect(s: &str) -> Result<String, String> {
     match url::Url::parse(s) {
-        Ok(u) if u.has_host() => Ok(s.to_owned()),
+        Ok(u) if matches!(u.scheme(), "http" | "https") && u.has_host() => Ok(s.to_owned()),
         _ => Err(format!("{s:?} is not an absolute http(s) URL")),
     }
 }
@@ -138,14 +138,14 @@ pub fn serve_standalone(args: StandaloneArgs) -> Result<(), String> {
         let stop = stop_signal()?;
         let fake = FakeBitbucket::start_on(args.addr, fixture)
             .await
-            .map_err(|e| format!("fake-bitbucket: cannot listen on {}: {e}", args.addr))?;
+            .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
         if !args.addr.ip().is_loopback() {
             tracing::warn!(addr = %args.addr, "fake-bitbucket: the control API (/_fake/) has no authentication and this is not a loopback address");
         }
         let mut out = std::io::stdout().lock();
         writeln!(out, "fake-bitbucket listening on {}", fake.base_url())
             .and_then(|()| out.flush())
-            .map_err(|e| format!("fake-bitbucket: cannot write to stdout: {e}"))?;
+            .map_err(|e| format!("cannot write to stdout: {e}"))?;
         drop(out);
         stop.await;
         fake.shutdown().await;
