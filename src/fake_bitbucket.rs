@@ -24,14 +24,18 @@
 //!
 //! Layout: this file holds the public API and the state; `server` the
 //! HTTP plumbing and fault application; `oauth` and `api` the endpoints;
-//! `fixture` the data; `schema` (tests) the spec-derived schemas.
+//! `fixture` the data; `schema` (tests) the spec-derived schemas; `control`
+//! the fake-only control API (`/_fake/...`, not in the schema checks, never
+//! counted or faulted); `standalone` the `fake-bitbucket` command.
 
 mod api;
+mod control;
 mod fixture;
 mod oauth;
 #[cfg(test)]
 mod schema;
 mod server;
+mod standalone;
 #[cfg(test)]
 mod tests;
 
@@ -40,6 +44,7 @@ pub use fixture::{
     BOB_UUID, DEMO_ADMIN_PASSWORD, DEMO_ADMIN_USERNAME, DEMO_CLIENT_ID, DEMO_CLIENT_SECRET,
     DEMO_REDIRECT_URI,
 };
+pub use standalone::{add_wide_user, serve_standalone, StandaloneArgs, WIDE_UUID};
 
 // The submodules take these through `use super::*`.
 use std::collections::HashMap;
@@ -347,14 +352,7 @@ impl FakeBitbucket {
     /// The user revoked the consumer: every code, access token and refresh
     /// token of that user (by username or nickname) stops working.
     pub fn revoke_grants(&self, username: &str) {
-        let mut st = self.inner.shared.lock();
-        let Some(&u) = st.index.user_by_name.get(username) else {
-            return;
-        };
-        let uuid = st.fixture.users[u].uuid.clone();
-        st.codes.retain(|_, g| g.user_uuid != uuid);
-        st.access.retain(|_, g| g.user_uuid != uuid);
-        st.refresh.retain(|_, g| g.user_uuid != uuid);
+        self.inner.shared.lock().revoke_user(username);
     }
 
     /// Changes the fixture in place; effective for the next request. Grants
@@ -484,6 +482,8 @@ struct ServerState {
     issued: u64,
     /// The most recent tokens minted, for tests that look for leaks.
     history: std::collections::VecDeque<String>,
+    /// The most recent refresh tokens minted, for the control API.
+    refresh_log: std::collections::VecDeque<control::RefreshLogEntry>,
 }
 
 impl ServerState {
@@ -505,6 +505,7 @@ impl ServerState {
             refresh: HashMap::new(),
             issued: 0,
             history: Default::default(),
+            refresh_log: Default::default(),
         };
         st.reindex();
         st
@@ -633,6 +634,7 @@ impl ServerState {
         }
         self.history.push_back(access.clone());
         self.history.push_back(refresh.clone());
+        self.log_refresh_token(&refresh, user_uuid);
         (access, refresh, ttl)
     }
 

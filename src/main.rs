@@ -34,6 +34,12 @@ enum Command {
         #[arg(long)]
         telemetry: Option<std::net::SocketAddr>,
     },
+    /// Serve the fake Bitbucket Cloud alone, for end-to-end tests.
+    ///
+    /// Prints `fake-bitbucket listening on http://127.0.0.1:PORT` once
+    /// listening, serves until SIGTERM/SIGINT, then exits 0. Tests drive it
+    /// through its unauthenticated control API under /_fake/ (see README).
+    FakeBitbucket(bitbucket_connector::fake_bitbucket::StandaloneArgs),
 }
 
 fn main() -> ExitCode {
@@ -42,6 +48,7 @@ fn main() -> ExitCode {
         Command::CheckConfig { config } => return bitbucket_connector::cli::check_config(&config),
         Command::Serve { config } => bitbucket_connector::cli::serve(&config),
         Command::Demo { addr, telemetry } => bitbucket_connector::cli::demo(addr, telemetry),
+        Command::FakeBitbucket(args) => bitbucket_connector::fake_bitbucket::serve_standalone(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -109,6 +109,10 @@ async fn handle(
     shared: Arc<Shared>,
     ctl: Arc<ConnControl>,
 ) -> Result<Response, Infallible> {
+    if req.uri().path().starts_with(super::control::PREFIX) {
+        // The control API: not counted, not delayed, never faulted.
+        return router.oneshot(req.map(Body::new)).await;
+    }
     shared.total.fetch_add(1, Ordering::Relaxed);
     let now = shared.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
     shared.max_in_flight.fetch_max(now, Ordering::Relaxed);
@@ -151,6 +155,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         .route("/2.0/workspaces", get(gone))
         .route("/2.0/user/permissions/workspaces", get(gone))
         .route("/1.0/groups/{workspace}", get(legacy_groups))
+        .merge(super::control::routes())
         .fallback(not_found)
         .with_state(shared)
 }

@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod fake_process;
 mod foundation;
 mod login;
 mod operate;
