@@ -263,3 +263,57 @@ async fn revoke(AxState(shared): St, req: Request) -> Response {
         )
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn control_requests_are_never_faulted_delayed_or_counted() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+        fake.inject(Endpoint::Any, Fault::Status(503), None);
+        fake.inject(Endpoint::Any, Fault::Reset, None);
+        fake.set_delay(Duration::from_secs(60));
+        let http = reqwest::Client::new();
+        for path in ["/_fake/hits", "/_fake/settings", "/_fake/refresh-tokens"] {
+            let resp = http
+                .get(format!("{}{path}", fake.base_url()))
+                .timeout(Duration::from_secs(20))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), reqwest::StatusCode::OK, "{path}");
+        }
+        let resp = http
+            .post(format!("{}/_fake/expire-access-tokens", fake.base_url()))
+            .timeout(Duration::from_secs(20))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), reqwest::StatusCode::OK);
+        assert_eq!(fake.total_hits(), 0);
+        assert_eq!(fake.hits(Endpoint::Token), 0);
+        fake.shutdown().await;
+    }
+
+    #[tokio::test]
+    async fn expire_access_tokens_and_reset_hits_from_the_handle() {
+        let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+        let code = fake.issue_code(DEMO_CLIENT_ID, "alice");
+        let now = Instant::now();
+        let (access, _, _) = {
+            let mut st = fake.inner.shared.lock();
+            let uuid = st.codes[&code].user_uuid.clone();
+            st.issue_tokens(DEMO_CLIENT_ID, &uuid, now)
+        };
+        fake.inner.shared.total.store(5, Ordering::Relaxed);
+        fake.inner.shared.hits[0].store(3, Ordering::Relaxed);
+        assert_eq!(fake.expire_access_tokens(), 1);
+        assert_eq!(fake.expire_access_tokens(), 0);
+        assert!(fake.inner.shared.lock().access[&access].expires_at <= Instant::now());
+        fake.reset_hits();
+        assert_eq!((fake.total_hits(), fake.hits(Endpoint::Authorize)), (0, 0));
+        fake.shutdown().await;
+    }
+}
