@@ -89,8 +89,15 @@ impl Service {
             },
         };
         match &result {
-            Ok(_) => record.finish(Code::Ok, None),
-            Err(s) => record.finish(s.code(), Some(s.message())),
+            Ok(_) => record.finish(Code::Ok, None, None),
+            Err(s) => {
+                let info = s.get_details_error_info();
+                record.finish(
+                    s.code(),
+                    Some(s.message()),
+                    info.as_ref().map(|i| i.reason.as_str()),
+                )
+            }
         }
         result.map(Response::new)
     }
@@ -111,7 +118,7 @@ struct Record<'a> {
 }
 
 impl Record<'_> {
-    fn finish(&mut self, code: Code, error: Option<&str>) {
+    fn finish(&mut self, code: Code, error: Option<&str>, reason: Option<&str>) {
         self.done = true;
         let metrics = &self.service.metrics;
         let method = self.method;
@@ -138,11 +145,13 @@ impl Record<'_> {
         let request_id = tracing::field::display(self.request_id.as_str());
         let upstream_calls = self.upstream_calls.load(Ordering::Relaxed);
         let rpc = tracing::field::display(method);
-        // `error: None` records no field.
+        // `error: None` and `reason: None` record no field; reasons are
+        // static SCREAMING_SNAKE names.
+        let reason = reason.map(tracing::field::display);
         if error.is_some() && is_server_fault(code) {
-            tracing::warn!(rpc, connector, code = %code, ms, upstream_calls, request_id, error, "rpc");
+            tracing::warn!(rpc, connector, code = %code, reason, ms, upstream_calls, request_id, error, "rpc");
         } else {
-            tracing::info!(rpc, connector, code = %code, ms, upstream_calls, request_id, error, "rpc");
+            tracing::info!(rpc, connector, code = %code, reason, ms, upstream_calls, request_id, error, "rpc");
         }
     }
 }
@@ -150,12 +159,16 @@ impl Record<'_> {
 impl Drop for Record<'_> {
     fn drop(&mut self) {
         if !self.done {
-            let (code, why) = if Instant::now() >= self.deadline {
-                (Code::DeadlineExceeded, "the caller's deadline passed")
+            let (code, why, reason) = if Instant::now() >= self.deadline {
+                (
+                    Code::DeadlineExceeded,
+                    "the caller's deadline passed",
+                    "DEADLINE_EXCEEDED",
+                )
             } else {
-                (Code::Cancelled, "the caller cancelled the RPC")
+                (Code::Cancelled, "the caller cancelled the RPC", "CANCELLED")
             };
-            self.finish(code, Some(why));
+            self.finish(code, Some(why), Some(reason));
         }
     }
 }
@@ -450,7 +463,10 @@ mod tests {
         let info = s.get_details_error_info().unwrap();
         assert_eq!(info.reason, "NOT_IN_REQUIRED_TEAMS");
         assert_eq!(info.domain, ERROR_DOMAIN);
-        assert_eq!(info.metadata.get("username").map(String::as_str), Some("alice"));
+        assert_eq!(
+            info.metadata.get("username").map(String::as_str),
+            Some("alice")
+        );
     }
 
     #[test]

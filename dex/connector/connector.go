@@ -39,6 +39,11 @@ const Type = "bitbucket-connector"
 // DefaultTimeout is the deadline of each RPC when `timeout` is not set.
 const DefaultTimeout = 30 * time.Second
 
+// reconnectWait bounds the second attempt of a call that found the service
+// unreachable: long enough to connect to a service that has just come back,
+// short enough that a login against a service that is down fails promptly.
+const reconnectWait = 2 * time.Second
+
 // Register adds this connector type to dex's connector registry (in dex,
 // server.ConnectorsConfig). Call it before server.NewServer.
 func Register(registry map[string]func() connectors.ConnectorConfig) {
@@ -204,11 +209,16 @@ func (b *bitbucketConnector) Close() error { return b.conn.Close() }
 func (b *bitbucketConnector) LoginURL(s dexconnector.Scopes, callbackURL, state string) (string, []byte, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), b.timeout)
 	defer cancel()
-	resp, err := b.client.LoginURL(ctx, &pb.LoginURLRequest{
+	req := &pb.LoginURLRequest{
 		Scopes:      scopes(s),
 		CallbackUrl: callbackURL,
 		State:       state,
 		ConnectorId: b.serviceID,
+	}
+	var resp *pb.LoginURLResponse
+	err := b.call(ctx, func(ctx context.Context, opts ...grpc.CallOption) (err error) {
+		resp, err = b.client.LoginURL(ctx, req, opts...)
+		return err
 	})
 	if err != nil {
 		return "", nil, b.fail("LoginURL", err)
@@ -219,11 +229,16 @@ func (b *bitbucketConnector) LoginURL(s dexconnector.Scopes, callbackURL, state 
 func (b *bitbucketConnector) HandleCallback(s dexconnector.Scopes, connData []byte, r *http.Request) (dexconnector.Identity, error) {
 	ctx, cancel := context.WithTimeout(r.Context(), b.timeout)
 	defer cancel()
-	resp, err := b.client.HandleCallback(ctx, &pb.HandleCallbackRequest{
+	req := &pb.HandleCallbackRequest{
 		Scopes:        scopes(s),
 		RawQuery:      r.URL.RawQuery,
 		ConnectorData: connData,
 		ConnectorId:   b.serviceID,
+	}
+	var resp *pb.HandleCallbackResponse
+	err := b.call(ctx, func(ctx context.Context, opts ...grpc.CallOption) (err error) {
+		resp, err = b.client.HandleCallback(ctx, req, opts...)
+		return err
 	})
 	if err != nil {
 		return dexconnector.Identity{}, b.fail("HandleCallback", err)
@@ -237,10 +252,15 @@ func (b *bitbucketConnector) HandleCallback(s dexconnector.Scopes, connData []by
 func (b *bitbucketConnector) Refresh(ctx context.Context, s dexconnector.Scopes, id dexconnector.Identity) (dexconnector.Identity, error) {
 	ctx, cancel := context.WithTimeout(ctx, b.timeout)
 	defer cancel()
-	resp, err := b.client.Refresh(ctx, &pb.RefreshRequest{
+	req := &pb.RefreshRequest{
 		Scopes:      scopes(s),
 		Identity:    identityPB(id),
 		ConnectorId: b.serviceID,
+	}
+	var resp *pb.RefreshResponse
+	err := b.call(ctx, func(ctx context.Context, opts ...grpc.CallOption) (err error) {
+		resp, err = b.client.Refresh(ctx, req, opts...)
+		return err
 	})
 	if err != nil {
 		return id, b.fail("Refresh", err)
@@ -251,12 +271,36 @@ func (b *bitbucketConnector) Refresh(ctx context.Context, s dexconnector.Scopes,
 	return identity(resp.GetIdentity()), nil
 }
 
-// fail maps an RPC error for dex and, when the service could not be reached,
-// lets the next call reconnect at once instead of waiting out the backoff.
-func (b *bitbucketConnector) fail(method string, err error) error {
-	if status.Code(err) == codes.Unavailable {
-		b.conn.ResetConnectBackoff()
+// call makes an RPC. When the service could not be reached (UNAVAILABLE from
+// the transport, not from the service), it may have just come back while the
+// connection waits out its backoff: reconnect at once and try once more,
+// waiting for the connection at most reconnectWait.
+func (b *bitbucketConnector) call(ctx context.Context, rpc func(context.Context, ...grpc.CallOption) error) error {
+	err := rpc(ctx)
+	if !unreachable(err) {
+		return err
 	}
+	b.conn.ResetConnectBackoff()
+	retry, cancel := context.WithTimeout(ctx, reconnectWait)
+	defer cancel()
+	if err2 := rpc(retry, grpc.WaitForReady(true)); err2 == nil || !isStatus(err2, codes.DeadlineExceeded) {
+		return err2
+	}
+	return err
+}
+
+// unreachable is an UNAVAILABLE that the service did not send: the service's
+// own errors carry an ErrorInfo.
+func unreachable(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Unavailable && len(st.Details()) == 0
+}
+
+func isStatus(err error, code codes.Code) bool {
+	return status.Code(err) == code
+}
+
+func (b *bitbucketConnector) fail(method string, err error) error {
 	return fromRPC(method, err)
 }
 

@@ -95,6 +95,7 @@ func serve(c *Config) error {
 		}
 	}
 	store = storage.WithStaticConnectors(store, conns)
+	store = refreshOutsideTx{store}
 
 	now := func() time.Time { return time.Now().UTC() }
 	idTokensValidFor := duration(c.Expiry.IDTokens, 24*time.Hour)
