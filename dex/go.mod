@@ -2,6 +2,12 @@ module github.com/bitbucket-connector/bitbucket-connector/dex
 
 go 1.26.0
 
+// dex is pinned by commit: its module path has no /v2, so its v2.x tags cannot
+// be required. This is master of 2026-08-06 (ab64ed778070), the newest dex the
+// Go module proxy serves here; the latest release, v2.45.1 (11d2eeb52b42), is
+// refused by it. To move: go get github.com/dexidp/dex@<commit> && go mod tidy,
+// then check server.ConnectorsConfig's type (connector.Register) and the
+// refresh deadlock worked around in cmd/dex-bitbucket/storage.go.
 require (
 	github.com/dexidp/dex v0.0.0-20260806151424-ab64ed778070
 	github.com/ghodss/yaml v1.0.0

@@ -12,7 +12,9 @@ import requests
 
 from dexenv import ALICE_UUID, DEX_BIN, LoginFailed, Stack, decode_sub, make_ca, make_cert
 
-pytestmark = pytest.mark.skipif(not os.path.exists(DEX_BIN), reason=f"{DEX_BIN} is not built (scripts/test builds it)")
+if not os.path.exists(DEX_BIN):
+    raise RuntimeError(f"{DEX_BIN} is not built: scripts/test builds it "
+                       "(cd dex && go build -o ../target/dex-bitbucket ./cmd/dex-bitbucket)")
 
 ALICE_GROUPS = [
     "wonderland", "looking-glass", "tea-party",
