@@ -6,6 +6,8 @@ FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
+# Cargo.toml declares the bench target: cargo reads the manifest's every target.
+COPY benches benches
 COPY src src
 RUN cargo build --release --locked --bin bitbucket-connector \
  && strip target/release/bitbucket-connector
