@@ -1,11 +1,18 @@
 # syntax=docker/dockerfile:1
 # Build: docker build -t bitbucket-connector .
-# Run:   docker run -v $PWD/config.yaml:/etc/bitbucket-connector/config.yaml:ro \
-#          -p 5557:5557 bitbucket-connector
+# Run (examples/config-container.yaml binds 0.0.0.0 and takes these variables
+# from the environment; `-e NAME` passes NAME from your shell):
+#        docker run --rm -p 5557:5557 -p 5558:5558 \
+#          -v $PWD/examples/config-container.yaml:/etc/bitbucket-connector/config.yaml:ro \
+#          -e BITBUCKET_CLIENT_ID -e BITBUCKET_CLIENT_SECRET -e BITBUCKET_REDIRECT_URI \
+#          -e CONNECTOR_DATA_KEY -e CONNECTOR_AUTH_TOKEN \
+#          bitbucket-connector
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock build.rs ./
 COPY proto proto
+# Cargo.toml declares the bench target: cargo reads the manifest's every target.
+COPY benches benches
 COPY src src
 RUN cargo build --release --locked --bin bitbucket-connector \
  && strip target/release/bitbucket-connector

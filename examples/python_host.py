@@ -7,9 +7,9 @@ HandleCallback -> Refresh against a running `bitbucket-connector demo`.
 The "browser" step asks the demo's fake Bitbucket for its redirect, which a
 real host would receive on its callback URL.
 
-    pip install grpcio grpcio-tools grpcio-status
+    python3 -m venv .venv && .venv/bin/pip install -r examples/requirements.txt
     bitbucket-connector demo &            # or: cargo run -- demo &
-    python3 examples/python_host.py --addr 127.0.0.1:5557
+    .venv/bin/python examples/python_host.py --addr 127.0.0.1:5557
 
 Exits 0 when the whole login and refresh worked.
 """

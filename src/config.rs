@@ -185,22 +185,37 @@ impl std::error::Error for ConfigErrors {}
 
 impl Config {
     /// Reads and validates a config file, with `$VAR`s taken from the process
-    /// environment.
+    /// environment, and checks that the TLS files it names can be read: every
+    /// problem is one `path.to.key: reason` line (the file's own name only
+    /// where the file itself cannot be read or parsed).
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
         let env: BTreeMap<String, String> = std::env::vars().collect();
-        Config::parse(&text, &|name: &str| env.get(name).cloned()).map_err(|ConfigErrors(errs)| {
-            ConfigErrors(
-                errs.into_iter()
-                    .map(|e| format!("{}: {e}", path.display()))
-                    .collect(),
-            )
-        })
+        Config::parse_inner(&text, &|name: &str| env.get(name).cloned(), true).map_err(
+            |ConfigErrors(errs)| {
+                ConfigErrors(
+                    errs.into_iter()
+                        .map(|e| match e.strip_prefix(YAML_ERROR) {
+                            Some(rest) => format!("{}: {YAML_ERROR}{rest}", path.display()),
+                            None => e,
+                        })
+                        .collect(),
+                )
+            },
+        )
     }
 
     /// Parses and validates YAML text; `env` resolves `$VAR`s.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        Config::parse_inner(text, env, false)
+    }
+
+    fn parse_inner(
+        text: &str,
+        env: &dyn Fn(&str) -> Option<String>,
+        check_files: bool,
+    ) -> Result<Config, ConfigErrors> {
         let tree: Value = if text.trim().is_empty() {
             Value::Object(Default::default())
         } else {
@@ -215,6 +230,7 @@ impl Config {
         let mut w = Walker {
             errors: Vec::new(),
             env,
+            check_files,
         };
         let cfg = w.config(&tree);
         match cfg {
@@ -225,33 +241,38 @@ impl Config {
 
     /// Problems that only show once files are looked at (TLS material).
     pub fn check_files(&self) -> Vec<String> {
-        let mut errs = Vec::new();
-        for (key, p) in [
+        [
             ("grpc.tlsCert", &self.grpc.tls_cert),
             ("grpc.tlsKey", &self.grpc.tls_key),
             ("grpc.tlsClientCA", &self.grpc.tls_client_ca),
-        ] {
-            if let Some(p) = p {
-                if let Err(e) = std::fs::metadata(p).and_then(|_| std::fs::File::open(p)) {
-                    errs.push(format!("{key}: cannot read {}: {e}", p.display()));
-                }
-            }
-        }
-        errs
+        ]
+        .into_iter()
+        .filter_map(|(key, p)| file_problem(key, p.as_deref()?))
+        .collect()
     }
 }
+
+fn file_problem(key: &str, p: &Path) -> Option<String> {
+    // Read, not only opened: a directory opens but does not read.
+    let e = std::fs::read(p).err()?;
+    Some(format!("{key}: cannot read {}: {e}", p.display()))
+}
+
+const YAML_ERROR: &str = "invalid YAML: ";
 
 /// The parser's first line only: its rendering quotes lines of the file,
 /// which may hold a secret.
 fn yaml_error(e: &str) -> String {
     let first = e.lines().next().unwrap_or_default().trim();
     let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("invalid YAML: {first}")
+    format!("{YAML_ERROR}{first}")
 }
 
 struct Walker<'a> {
     errors: Vec<String>,
     env: &'a dyn Fn(&str) -> Option<String>,
+    /// Also report TLS files that cannot be read (`Config::load`).
+    check_files: bool,
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -275,6 +296,18 @@ fn type_name(v: &Value) -> &'static str {
 
 type Map = serde_json::Map<String, Value>;
 
+/// The allowed key closest to an unknown one, ignoring case, if it is near
+/// enough to be a slip (one edit per four characters, at least one).
+fn did_you_mean<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
+    let key = key.to_ascii_lowercase();
+    allowed
+        .iter()
+        .map(|a| (strsim::osa_distance(&key, &a.to_ascii_lowercase()), *a))
+        .filter(|(d, a)| *d <= (a.len().max(key.len()) / 4).max(1))
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, a)| a)
+}
+
 impl Walker<'_> {
     fn err(&mut self, path: &str, msg: impl fmt::Display) {
         self.errors.push(format!("{path}: {msg}"));
@@ -293,9 +326,7 @@ impl Walker<'_> {
             Some(Value::Object(m)) => {
                 for k in m.keys() {
                     if !allowed.contains(&k.as_str()) {
-                        let hint = allowed
-                            .iter()
-                            .find(|a| a.eq_ignore_ascii_case(k))
+                        let hint = did_you_mean(k, allowed)
                             .map(|a| format!(" (did you mean {a:?}?)"))
                             .unwrap_or_default();
                         self.err(&join(path, k), format!("unknown key{hint}"));
@@ -508,6 +539,17 @@ impl Walker<'_> {
         let tls_cert = path(self, "tlsCert");
         let tls_key = path(self, "tlsKey");
         let tls_client_ca = path(self, "tlsClientCA");
+        if self.check_files {
+            for (key, p) in [
+                ("grpc.tlsCert", &tls_cert),
+                ("grpc.tlsKey", &tls_key),
+                ("grpc.tlsClientCA", &tls_client_ca),
+            ] {
+                if let Some(e) = p.as_deref().and_then(|p| file_problem(key, p)) {
+                    self.errors.push(e);
+                }
+            }
+        }
         match (&tls_cert, &tls_key) {
             (Some(_), None) => self.err("grpc.tlsKey", "required when grpc.tlsCert is set"),
             (None, Some(_)) => self.err("grpc.tlsCert", "required when grpc.tlsKey is set"),
@@ -1072,6 +1114,19 @@ connectors:
             );
         }
         assert_eq!(errs.len(), want.len(), "{errs:#?}");
+    }
+
+    #[test]
+    fn unknown_keys_suggest_the_nearest_allowed_key() {
+        let allowed = ["includeTeamGroups", "teams", "teamGroupsAuth", "tlsCert"];
+        assert_eq!(
+            did_you_mean("includeTeamsGroups", &allowed),
+            Some("includeTeamGroups")
+        );
+        assert_eq!(did_you_mean("TLSCERT", &allowed), Some("tlsCert"));
+        assert_eq!(did_you_mean("team", &allowed), Some("teams"));
+        assert_eq!(did_you_mean("colour", &allowed), None);
+        assert_eq!(did_you_mean("groups", &allowed), None);
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+pub mod walkthrough;
 
 /// The generated protobuf and gRPC code, fenced off from the rest.
 pub mod pb {

@@ -33,6 +33,13 @@ enum Command {
         /// Also serve /metrics, /healthz and /readyz here (e.g. 127.0.0.1:5558).
         #[arg(long)]
         telemetry: Option<std::net::SocketAddr>,
+        /// Do a whole login and refresh at once, print each step, and exit
+        /// (0 when both worked).
+        #[arg(long)]
+        walkthrough: bool,
+        /// The fake Bitbucket user the walkthrough logs in as (alice or bob).
+        #[arg(long, default_value = "alice", requires = "walkthrough")]
+        login_as: String,
     },
     /// Serve the fake Bitbucket Cloud alone, for end-to-end tests.
     ///
@@ -43,11 +50,28 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // A usage mistake (a missing --config, say) is a problem like any other:
+    // exit 1, as check-config and serve do; --help and --version exit 0.
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() {
+                ExitCode::FAILURE
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
     let result = match cli.command {
         Command::CheckConfig { config } => return bitbucket_connector::cli::check_config(&config),
         Command::Serve { config } => bitbucket_connector::cli::serve(&config),
-        Command::Demo { addr, telemetry } => bitbucket_connector::cli::demo(addr, telemetry),
+        Command::Demo {
+            addr,
+            telemetry,
+            walkthrough,
+            login_as,
+        } => bitbucket_connector::cli::demo(addr, telemetry, walkthrough, &login_as),
         Command::FakeBitbucket(args) => bitbucket_connector::fake_bitbucket::serve_standalone(args),
     };
     match result {

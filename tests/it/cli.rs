@@ -78,33 +78,31 @@ fn sigterm(child: &tokio::process::Child) {
         .success());
 }
 
+fn check_config(path: &std::path::Path) -> std::process::Output {
+    Command::new(BIN)
+        .args(["check-config", "-c"])
+        .arg(path)
+        .env_remove("TEST_UNSET_KEY_VARIABLE")
+        .env_remove("TEST_UNSET_SECRET_VARIABLE")
+        .output()
+        .unwrap()
+}
+
 #[test]
 fn check_config_prints_every_problem_and_exits_1() {
     let f = write_config(
         "grpc:\n  addr: 127.0.0.1:5557\n  shutdownTimeot: 5s\nconnectorData:\n  keys: [$TEST_UNSET_KEY_VARIABLE]\nconnectors:\n- type: bitbucket-cloud\n  id: bb\n  config:\n    clientID: x\n    clientSecret: hunter2-secret\n    redirectURI: not-a-url\n",
     );
-    let out = Command::new(BIN)
-        .args(["check-config", "-c"])
-        .arg(f.path())
-        .env_remove("TEST_UNSET_KEY_VARIABLE")
-        .output()
-        .unwrap();
+    let out = check_config(f.path());
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<&str> = stderr.lines().collect();
-    assert_eq!(lines.len(), 3, "{stderr}");
-    assert!(
-        lines[0].ends_with("grpc.shutdownTimeot: unknown key"),
-        "{stderr}"
-    );
-    assert!(
-        lines[1].ends_with(
-            "connectorData.keys[0]: environment variable $TEST_UNSET_KEY_VARIABLE is not set"
-        ),
-        "{stderr}"
-    );
-    assert!(
-        lines[2].contains("connectors[0].config.redirectURI: \"not-a-url\" is not an absolute URL"),
+    assert_eq!(
+        stderr.lines().collect::<Vec<_>>(),
+        [
+            "grpc.shutdownTimeot: unknown key (did you mean \"shutdownTimeout\"?)",
+            "connectorData.keys[0]: environment variable $TEST_UNSET_KEY_VARIABLE is not set",
+            "connectors[0].config.redirectURI: \"not-a-url\" is not an absolute URL: relative URL without a base",
+        ],
         "{stderr}"
     );
     assert!(
@@ -112,6 +110,114 @@ fn check_config_prints_every_problem_and_exits_1() {
         "a secret was printed: {stderr}"
     );
     assert!(out.stdout.is_empty());
+}
+
+/// Every kind of problem in one file, reported in one run, each as
+/// `path.to.key: reason`: TLS files that cannot be read alongside unset
+/// variables, unknown keys, wrong types, bad values and missing keys.
+#[test]
+fn check_config_reports_every_kind_of_problem_at_once_in_one_line_shape() {
+    let dir = tempfile::tempdir().unwrap();
+    let unreadable = dir.path().join("tls.key");
+    std::fs::create_dir(&unreadable).unwrap(); // exists, but is no file to read
+    let missing = dir.path().join("missing.crt");
+    let f = write_config(&format!(
+        "grpc:\n  addr: 127.0.0.1:5557\n  tlsCert: {}\n  tlsKey: {}\n  reflection: maybe\n  shutdownTimeout: 5 seconds\nlogger:\n  level: loud\nconnectorData:\n  keys: [$TEST_UNSET_KEY_VARIABLE, not-base64!]\nconnectors:\n- type: bitbucket-cloud\n  id: bb\n  config:\n    clientID: x\n    clientSecret: $TEST_UNSET_SECRET_VARIABLE\n    includeTeamsGroups: true\n    teams: {{a: b}}\n- type: gitlab\n  id: bb\n  config:\n    clientID: y\n    clientSecret: hunter2-secret\n    redirectURI: http://127.0.0.1:5556/cb\n",
+        missing.display(),
+        unreadable.display()
+    ));
+    let out = check_config(f.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<&str> = stderr.lines().collect();
+    let keys: Vec<&str> = lines
+        .iter()
+        .map(|l| l.split_once(": ").map(|(k, _)| k).unwrap_or(l))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            "grpc.tlsCert",
+            "grpc.tlsKey",
+            "grpc.reflection",
+            "grpc.shutdownTimeout",
+            "logger.level",
+            "connectorData.keys[0]",
+            "connectorData.keys[1]",
+            "connectors[0].config.includeTeamsGroups",
+            "connectors[0].config.clientSecret",
+            "connectors[0].config.redirectURI",
+            "connectors[0].config.teams",
+            "connectors[1].type",
+            "connectors[1].id",
+        ],
+        "{stderr}"
+    );
+    let shape = |l: &str| {
+        let (key, reason) = l.split_once(": ").unwrap_or_default();
+        !reason.is_empty()
+            && key
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._[]".contains(c))
+    };
+    for l in &lines {
+        assert!(shape(l), "not `path.to.key: reason`: {l}");
+    }
+    for expected in [
+        format!("grpc.tlsCert: cannot read {}: ", missing.display()),
+        format!("grpc.tlsKey: cannot read {}: ", unreadable.display()),
+        "connectorData.keys[0]: environment variable $TEST_UNSET_KEY_VARIABLE is not set".into(),
+        "connectors[0].config.clientSecret: environment variable $TEST_UNSET_SECRET_VARIABLE is not set".into(),
+        "connectors[0].config.includeTeamsGroups: unknown key (did you mean \"includeTeamGroups\"?)".into(),
+        "connectors[0].config.redirectURI: required".into(),
+    ] {
+        assert!(
+            lines.iter().any(|l| l.starts_with(&expected)),
+            "no line starting {expected:?} in\n{stderr}"
+        );
+    }
+    assert!(
+        !stderr.contains("hunter2"),
+        "a secret was printed: {stderr}"
+    );
+}
+
+#[test]
+fn check_config_names_the_file_when_the_file_itself_is_the_problem() {
+    let f = write_config("grpc: [unclosed\n");
+    let out = check_config(f.path());
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!("{}: invalid YAML: ", f.path().display())),
+        "{stderr}"
+    );
+
+    let out = check_config(std::path::Path::new("/nonexistent/bbc.yaml"));
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("/nonexistent/bbc.yaml: cannot read: "),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn check_config_without_a_config_exits_1_naming_the_option() {
+    let out = Command::new(BIN)
+        .arg("check-config")
+        .env_remove("BITBUCKET_CONNECTOR_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--config <CONFIG>"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let help = Command::new(BIN).arg("--help").output().unwrap();
+    assert_eq!(help.status.code(), Some(0));
 }
 
 #[test]
@@ -434,5 +540,84 @@ fn with_json_logs_a_startup_error_is_one_json_line() {
             .unwrap()
             .contains(&format!("grpc.addr: cannot listen on {addr}")),
         "{v}"
+    );
+}
+
+/// `demo --walkthrough`: the whole login and refresh in one command, over the
+/// binary's own gRPC port and HTTP to its fake, each step printed.
+#[test]
+fn demo_walkthrough_logs_in_and_refreshes_printing_each_step() {
+    let out = Command::new(BIN)
+        .args(["demo", "--walkthrough", "--addr", "127.0.0.1:0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let steps: Vec<&str> = stdout
+        .lines()
+        .filter(|l| l.chars().next().is_some_and(|c| c.is_ascii_digit()))
+        .collect();
+    assert_eq!(steps.len(), 4, "{stdout}");
+    assert!(steps[0].starts_with("1. LoginURL("), "{stdout}");
+    assert!(steps[2].starts_with("3. HandleCallback("), "{stdout}");
+    assert!(steps[3].starts_with("4. Refresh("), "{stdout}");
+    assert!(
+        stdout.contains("/site/oauth2/authorize?") && stdout.contains("&state=demo-state"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!("redirect to {REDIRECT}?code=")),
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout
+            .matches(&format!("user_id:            {ALICE}"))
+            .count(),
+        2,
+        "{stdout}"
+    );
+    assert_eq!(
+        stdout.matches("alice@example.com (verified: true)").count(),
+        2,
+        "{stdout}"
+    );
+    assert!(stdout.contains("wonderland/developers"), "{stdout}");
+    assert!(stdout.contains("connector_data:     v1."), "{stdout}");
+    assert!(
+        stdout
+            .trim_end()
+            .ends_with("Done: the login and the refresh worked."),
+        "{stdout}"
+    );
+}
+
+#[test]
+fn demo_walkthrough_fails_with_the_step_that_failed() {
+    let out = Command::new(BIN)
+        .args([
+            "demo",
+            "--walkthrough",
+            "--addr",
+            "127.0.0.1:0",
+            "--login-as",
+            "mallory",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("the browser step failed: (fake) Bitbucket answered 400 Bad Request"),
+        "{stderr}"
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("1. LoginURL(") && !stdout.contains("2. "),
+        "{stdout}"
     );
 }

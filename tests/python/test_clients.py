@@ -144,9 +144,22 @@ def test_health_serving_then_not_serving_during_shutdown(demo):
     assert health_pb2.HealthCheckResponse.NOT_SERVING in seen[1:], seen
 
 
-def test_python_host_example_runs_green(demo):
+def test_python_host_example_runs_green_from_a_venv_with_only_its_requirements(demo, tmp_path):
+    """As the README tells a user: a fresh virtual environment, then
+    `pip install -r examples/requirements.txt`, nothing else."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = str(venv / "bin" / "python")
     r = subprocess.run(
-        [sys.executable, os.path.join(ROOT, "examples", "python_host.py"), "--addr", demo.addr],
+        [python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+         "-r", os.path.join(ROOT, "examples", "requirements.txt")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(
+        [python, os.path.join(ROOT, "examples", "python_host.py"), "--addr", demo.addr],
         capture_output=True,
         text=True,
         timeout=60,
