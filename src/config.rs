@@ -137,6 +137,20 @@ pub struct ConnectorConfig {
     /// Upstream HTTP requests this connector has open at once; more wait
     /// (within their RPC's deadline).
     pub upstream_max_in_flight: usize,
+    /// `ws/group` entries whose membership is checked with the user's token.
+    pub team_groups: Vec<TeamGroup>,
+    pub permission_cache_ttl: Duration,
+    pub refresh_cache_ttl: Duration,
+    /// How long a resource's breaker stays open after a 429 without
+    /// Retry-After (doubled for each 429 in a row, at most 16 times as long).
+    pub rate_limit_backoff: Duration,
+}
+
+/// One `teamGroups` entry: `workspace/group-slug`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TeamGroup {
+    pub workspace: String,
+    pub group: String,
 }
 
 impl ConnectorConfig {
@@ -715,6 +729,10 @@ impl Walker<'_> {
                 "legacyAPIURL",
                 "upstreamTimeout",
                 "upstreamMaxInFlight",
+                "teamGroups",
+                "permissionCacheTTL",
+                "refreshCacheTTL",
+                "rateLimitBackoff",
             ],
         )?;
         let k = |key: &str| join(&cp, key);
@@ -758,6 +776,41 @@ impl Walker<'_> {
             c.get("teamGroupsCacheTTL"),
             Duration::from_secs(60),
         );
+        let mut team_groups = Vec::new();
+        for (i, entry) in self
+            .string_list(&k("teamGroups"), c.get("teamGroups"), true)
+            .into_iter()
+            .enumerate()
+        {
+            match entry.trim().split_once('/') {
+                Some((w, g)) if is_slug(w) && is_slug(g) => team_groups.push(TeamGroup {
+                    workspace: w.to_string(),
+                    group: g.to_string(),
+                }),
+                _ => self.err(
+                    &format!("{}[{i}]", k("teamGroups")),
+                    format!("expected \"workspace/group-slug\", got {entry:?}"),
+                ),
+            }
+        }
+        let permission_cache_ttl = self.duration(
+            &k("permissionCacheTTL"),
+            c.get("permissionCacheTTL"),
+            Duration::from_secs(600),
+        );
+        let refresh_cache_ttl = self.duration(
+            &k("refreshCacheTTL"),
+            c.get("refreshCacheTTL"),
+            Duration::ZERO,
+        );
+        let rate_limit_backoff = self.duration(
+            &k("rateLimitBackoff"),
+            c.get("rateLimitBackoff"),
+            Duration::from_secs(60),
+        );
+        if rate_limit_backoff.is_zero() {
+            self.err(&k("rateLimitBackoff"), "must be more than 0s");
+        }
         Some(ConnectorConfig {
             id,
             name,
@@ -788,8 +841,22 @@ impl Walker<'_> {
                 crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
                 1,
             ),
+            team_groups,
+            permission_cache_ttl,
+            refresh_cache_ttl,
+            rate_limit_backoff,
         })
     }
+}
+
+/// A Bitbucket slug: what a workspace or group slug may be made of.
+fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
 }
 
 trait ExpectDefault {
@@ -998,6 +1065,58 @@ connectors:
         assert_eq!(c.grpc.shutdown_timeout, Duration::from_secs(10));
         assert!(c.grpc.reflection);
         assert_eq!(k.api_url.as_str(), "https://api.bitbucket.org/2.0");
+    }
+
+    #[test]
+    fn budget_keys_have_defaults_and_are_checked() {
+        let c = Config::parse(GOOD, &env).unwrap();
+        let k = &c.connectors[0];
+        assert_eq!(k.permission_cache_ttl, Duration::from_secs(600));
+        assert_eq!(k.refresh_cache_ttl, Duration::ZERO);
+        assert_eq!(k.rate_limit_backoff, Duration::from_secs(60));
+        assert!(k.team_groups.is_empty());
+        let set = GOOD.replace(
+            "    includeTeamGroups: true\n",
+            "    teamGroups: [my-team/devs, \"${TEAM}/ops\"]\n    permissionCacheTTL: 1m\n    refreshCacheTTL: 30s\n    rateLimitBackoff: 5s\n",
+        );
+        let env_team = |n: &str| {
+            if n == "TEAM" {
+                Some("other".to_string())
+            } else {
+                env(n)
+            }
+        };
+        let k = &Config::parse(&set, &env_team).unwrap().connectors[0];
+        assert_eq!(
+            k.team_groups,
+            [
+                TeamGroup {
+                    workspace: "my-team".into(),
+                    group: "devs".into()
+                },
+                TeamGroup {
+                    workspace: "other".into(),
+                    group: "ops".into()
+                },
+            ]
+        );
+        assert_eq!(k.permission_cache_ttl, Duration::from_secs(60));
+        assert_eq!(k.refresh_cache_ttl, Duration::from_secs(30));
+        assert_eq!(k.rate_limit_backoff, Duration::from_secs(5));
+        let bad = GOOD.replace(
+            "    includeTeamGroups: true\n",
+            "    teamGroups: [devs, a/b/c, \"a/\"]\n    refreshCacheTTL: soon\n    rateLimitBackoff: 0s\n",
+        );
+        let e = Config::parse(&bad, &env).unwrap_err().0;
+        for path in [
+            "connectors[0].config.teamGroups[0]",
+            "connectors[0].config.teamGroups[1]",
+            "connectors[0].config.teamGroups[2]",
+            "connectors[0].config.refreshCacheTTL",
+            "connectors[0].config.rateLimitBackoff",
+        ] {
+            assert!(e.iter().any(|m| m.starts_with(path)), "{path} in {e:?}");
+        }
     }
 
     #[test]

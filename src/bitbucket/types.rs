@@ -46,12 +46,26 @@ pub struct ApiWorkspacePermission {
     pub permission: String,
 }
 
-/// One group of `GET /1.0/groups/{workspace}` (a JSON array).
+/// One group of `GET /1.0/groups/{workspace}` or `GET /1.0/groups?group=…`
+/// (a JSON array).
 #[derive(Debug, Clone, Deserialize)]
 pub struct ApiGroup {
     pub slug: String,
     #[serde(default, deserialize_with = "null_as_empty")]
     pub members: Vec<ApiGroupMember>,
+    /// The workspace (team account) that owns the group.
+    #[serde(default)]
+    pub owner: Option<ApiGroupOwner>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiGroupOwner {
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub nickname: Option<String>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
