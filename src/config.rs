@@ -31,6 +31,14 @@ pub struct Config {
     pub logger: LoggerConfig,
     pub connector_data: ConnectorDataConfig,
     pub connectors: Vec<ConnectorConfig>,
+    pub cache: CacheConfig,
+}
+
+/// `cache`: the optional shared cache of the replicas.
+#[derive(Debug, Clone, Default)]
+pub struct CacheConfig {
+    /// `cache.redis.url`, `$VAR`s expanded; a secret (it may carry a password).
+    pub redis_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -147,7 +155,7 @@ pub struct ConnectorConfig {
 }
 
 /// One `teamGroups` entry: `workspace/group-slug`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TeamGroup {
     pub workspace: String,
     pub group: String,
@@ -466,8 +474,16 @@ impl Walker<'_> {
         let top = self.object(
             "",
             Some(root),
-            &["grpc", "telemetry", "logger", "connectorData", "connectors"],
+            &[
+                "grpc",
+                "telemetry",
+                "logger",
+                "connectorData",
+                "connectors",
+                "cache",
+            ],
         )?;
+        let cache = self.cache(top.get("cache"));
         let grpc = self.grpc(top.get("grpc"));
         let telemetry = self.telemetry(top.get("telemetry"));
         let logger = self.logger(top.get("logger"));
@@ -479,7 +495,50 @@ impl Walker<'_> {
             logger,
             connector_data,
             connectors,
+            cache,
         })
+    }
+
+    fn cache(&mut self, v: Option<&Value>) -> CacheConfig {
+        let Some(m) = self.object("cache", v, &["redis"]) else {
+            return CacheConfig::default();
+        };
+        if matches!(m.get("redis"), None | Some(Value::Null)) {
+            return CacheConfig::default();
+        }
+        let Some(r) = self.object("cache.redis", m.get("redis"), &["url"]) else {
+            return CacheConfig::default();
+        };
+        let url = self.string("cache.redis.url", r.get("url"));
+        let url = self.required("cache.redis.url", url);
+        if url.is_empty() {
+            return CacheConfig::default();
+        }
+        // The URL may carry a password: problems never repeat it.
+        match Url::parse(&url) {
+            Ok(u)
+                if (u.scheme() == "redis" || u.scheme() == "rediss")
+                    && u.host_str().is_some_and(|h| !h.is_empty()) =>
+            {
+                CacheConfig {
+                    redis_url: Some(Secret::new(url)),
+                }
+            }
+            Ok(u) if u.scheme() != "redis" && u.scheme() != "rediss" => {
+                self.err(
+                    "cache.redis.url",
+                    format!("must be a redis:// or rediss:// URL, not {}://", u.scheme()),
+                );
+                CacheConfig::default()
+            }
+            _ => {
+                self.err(
+                    "cache.redis.url",
+                    "is not a redis://[user:password@]host[:port][/db] URL",
+                );
+                CacheConfig::default()
+            }
+        }
     }
 
     fn grpc(&mut self, v: Option<&Value>) -> GrpcConfig {
@@ -1117,6 +1176,48 @@ connectors:
         ] {
             assert!(e.iter().any(|m| m.starts_with(path)), "{path} in {e:?}");
         }
+    }
+
+    #[test]
+    fn cache_redis_url_expands_vars_and_never_repeats_the_password() {
+        assert!(Config::parse(GOOD, &env).unwrap().cache.redis_url.is_none());
+        let with = |url: &str| format!("cache:\n  redis:\n    url: {url}\n{GOOD}");
+        let env_pw = |n: &str| match n {
+            "REDIS_PW" => Some("pw-0123456789".to_string()),
+            n => env(n),
+        };
+        let c = Config::parse(&with("rediss://:$REDIS_PW@redis:6380/1"), &env_pw).unwrap();
+        let url = c.cache.redis_url.unwrap();
+        assert_eq!(url.expose(), "rediss://:pw-0123456789@redis:6380/1");
+        assert!(!format!("{url:?}").contains("pw-0123456789"));
+        for bad in [
+            "http://:pw-0123456789@redis:6379",
+            "redis://:pw-0123456789@",
+            "nonsense pw-0123456789",
+        ] {
+            let e = Config::parse(&with(bad), &env).unwrap_err().0;
+            assert!(
+                e.iter().any(|m| m.starts_with("cache.redis.url: ")),
+                "{e:?}"
+            );
+            assert!(!e.iter().any(|m| m.contains("pw-0123456789")), "{e:?}");
+        }
+        let e = Config::parse(&with("redis://:$UNSET_PW@redis"), &env)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("cache.redis.url: ") && m.contains("UNSET_PW")),
+            "{e:?}"
+        );
+        let e = Config::parse(&format!("cache:\n  redis:\n    uri: x\n{GOOD}"), &env)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("cache.redis.uri: unknown key")),
+            "{e:?}"
+        );
     }
 
     #[test]

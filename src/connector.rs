@@ -14,7 +14,7 @@ use tokio::time::Instant;
 
 use crate::bitbucket::types::{ApiEmail, ApiGroup, ApiGroupMember, ApiUser, ApiWorkspaceAccess};
 use crate::bitbucket::{self, Auth, Grant, UpstreamError};
-use crate::cache::{TtlCache, Weigh};
+use crate::cache::{SharedCache, SharedKey, TtlCache, Weigh};
 use crate::config::{ConnectorConfig, TeamGroup};
 use crate::metrics::Metrics;
 use crate::sealing::{OpenError, Origin, Sealer, Tokens};
@@ -173,6 +173,7 @@ impl Connector {
         sealer: Arc<Sealer>,
         metrics: Metrics,
         http: bitbucket::HttpOptions,
+        shared: Option<Arc<SharedCache>>,
     ) -> Result<Connector, String> {
         let endpoints = bitbucket::Endpoints {
             auth_url: cfg.auth_url.clone(),
@@ -194,13 +195,16 @@ impl Connector {
             http,
         )?;
         Ok(Connector {
-            groups_cache: TtlCache::new("groups", cfg.team_groups_cache_ttl, metrics.clone()),
+            groups_cache: TtlCache::new("groups", cfg.team_groups_cache_ttl, metrics.clone())
+                .shared(shared.clone(), &cfg.id),
             permission_cache: TtlCache::new(
                 "permission",
                 cfg.permission_cache_ttl,
                 metrics.clone(),
-            ),
-            refresh_cache: TtlCache::new("refresh", cfg.refresh_cache_ttl, metrics.clone()),
+            )
+            .shared(shared.clone(), &cfg.id),
+            refresh_cache: TtlCache::new("refresh", cfg.refresh_cache_ttl, metrics.clone())
+                .shared(shared, &cfg.id),
             cfg,
             client,
             sealer,
@@ -242,7 +246,7 @@ impl Connector {
             .fetch_identity(&grant.access_token, scopes, deadline)
             .await?;
         let mut identity = user.identity;
-        self.remember(scopes, &identity);
+        self.remember(scopes, &identity).await;
         if scopes.offline_access {
             let tokens = tokens_from_grant(&grant, None, &identity.user_id);
             identity.connector_data = Some(self.seal(&tokens)?);
@@ -274,21 +278,21 @@ impl Connector {
 
         // refreshCacheTTL: an identity computed within the window, while the
         // sealed access token is still usable, is answered without Bitbucket.
-        if usable(tokens.expiry, SystemTime::now()) {
-            if let Some(hit) = tokens
-                .user_uuid
-                .as_deref()
-                .and_then(|u| self.refresh_cache.get(&self.refresh_key(scopes, u)))
-            {
-                if previous.user_id.is_empty() || same_uuid(&hit.user_id, &previous.user_id) {
-                    let mut identity = hit.identity();
-                    identity.connector_data = Some(if origin == Origin::Current {
-                        data.to_vec()
-                    } else {
-                        self.seal(&tokens)?
-                    });
-                    return Ok(identity);
-                }
+        let cached = match &tokens.user_uuid {
+            Some(u) if usable(tokens.expiry, SystemTime::now()) => {
+                self.refresh_cache.get(&self.refresh_key(scopes, u)).await
+            }
+            _ => None,
+        };
+        if let Some(hit) = cached {
+            if previous.user_id.is_empty() || same_uuid(&hit.user_id, &previous.user_id) {
+                let mut identity = hit.identity();
+                identity.connector_data = Some(if origin == Origin::Current {
+                    data.to_vec()
+                } else {
+                    self.seal(&tokens)?
+                });
+                return Ok(identity);
             }
         }
 
@@ -332,7 +336,7 @@ impl Connector {
             }
         }
         current.user_uuid = Some(identity.user_id.clone());
-        self.remember(scopes, &identity);
+        self.remember(scopes, &identity).await;
         identity.connector_data = Some(if current == tokens && origin == Origin::Current {
             data.to_vec()
         } else {
@@ -350,12 +354,14 @@ impl Connector {
     }
 
     /// Keeps a computed identity for refreshCacheTTL (without connector data).
-    fn remember(&self, scopes: Scopes, identity: &Identity) {
+    async fn remember(&self, scopes: Scopes, identity: &Identity) {
         if self.refresh_cache.enabled() {
-            self.refresh_cache.put(
-                self.refresh_key(scopes, &identity.user_id),
-                CachedIdentity::of(identity),
-            );
+            self.refresh_cache
+                .put(
+                    self.refresh_key(scopes, &identity.user_id),
+                    CachedIdentity::of(identity),
+                )
+                .await;
         }
     }
 
@@ -571,7 +577,7 @@ impl Connector {
             user: Some(normal_uuid(user_uuid)),
             kind: GroupsKind::Membership,
         };
-        if let Some(GroupsOutcome::Members(hit)) = self.groups_cache.get(&key) {
+        if let Some(GroupsOutcome::Members(hit)) = self.groups_cache.get(&key).await {
             return Ok(hit);
         }
         let mut found = Vec::new();
@@ -625,7 +631,8 @@ impl Connector {
             .collect();
         let found = Arc::new(found);
         self.groups_cache
-            .put(key, GroupsOutcome::Members(found.clone()));
+            .put(key, GroupsOutcome::Members(found.clone()))
+            .await;
         Ok(found)
     }
 
@@ -648,7 +655,7 @@ impl Connector {
                 return Ok(Some("owner".to_string()));
             }
             let key = (normal_uuid(user_uuid), slug.to_ascii_lowercase());
-            if let Some(hit) = self.permission_cache.get(&key) {
+            if let Some(hit) = self.permission_cache.get(&key).await {
                 return Ok(hit);
             }
             let p = match self.client.permission(token, slug, deadline).await {
@@ -663,7 +670,7 @@ impl Connector {
                 }
                 Err(e) => return Err(Error::from(e)),
             };
-            self.permission_cache.put(key, p.clone());
+            self.permission_cache.put(key, p.clone()).await;
             Ok(p)
         };
         let groups = async {
@@ -715,10 +722,7 @@ impl Connector {
             }
             // API 1.0 lists a workspace's groups to its admins only, and
             // `administrator` already says the user is none: not asked.
-            None if !access.administrator => GroupsOutcome::Unreadable {
-                reason: "forbidden",
-                status: 403,
-            },
+            None if !access.administrator => GroupsOutcome::Unreadable { status: 403 },
             None => {
                 self.read_groups(as_user, Auth::Bearer(token), deadline)
                     .await?
@@ -727,8 +731,8 @@ impl Connector {
         match outcome {
             GroupsOutcome::Read(g) => Ok(Some(g)),
             GroupsOutcome::Members(_) => Ok(None),
-            GroupsOutcome::Unreadable { reason, status } => {
-                self.metrics.degraded(reason);
+            GroupsOutcome::Unreadable { status } => {
+                self.metrics.degraded(degraded_reason(status));
                 let first = {
                     let mut warned = self
                         .warned_workspaces
@@ -759,28 +763,18 @@ impl Connector {
         auth: Auth<'_>,
         deadline: Instant,
     ) -> Result<GroupsOutcome, Error> {
-        if let Some(hit) = self.groups_cache.get(&key) {
+        if let Some(hit) = self.groups_cache.get(&key).await {
             return Ok(hit);
         }
         let outcome = match self.client.groups(auth, &key.slug, deadline).await {
             Ok(g) => GroupsOutcome::Read(Arc::new(g)),
-            Err(UpstreamError::Denied { status, .. }) => GroupsOutcome::Unreadable {
-                reason: match status {
-                    403 => "forbidden",
-                    404 => "not_found",
-                    _ => "gone",
-                },
-                status,
-            },
+            Err(UpstreamError::Denied { status, .. }) => GroupsOutcome::Unreadable { status },
             // The credential itself was refused (a wrong teamGroupsAuth):
             // the login goes on without groups rather than failing.
-            Err(UpstreamError::Unauthorized { .. }) => GroupsOutcome::Unreadable {
-                reason: "unauthorized",
-                status: 401,
-            },
+            Err(UpstreamError::Unauthorized { .. }) => GroupsOutcome::Unreadable { status: 401 },
             Err(e) => return Err(e.into()),
         };
-        self.groups_cache.put(key, outcome.clone());
+        self.groups_cache.put(key, outcome.clone()).await;
         Ok(outcome)
     }
 }
@@ -952,15 +946,39 @@ enum GroupsKind {
     Membership,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 enum GroupsOutcome {
     Read(Arc<Vec<ApiGroup>>),
+    /// 401 (a refused teamGroupsAuth), 403, 404 or 410.
     Unreadable {
-        reason: &'static str,
         status: u16,
     },
     /// teamGroups: the listed groups the user is in.
     Members(Arc<Vec<TeamGroup>>),
+}
+
+/// The `team_groups_degraded_total` reason of an unreadable group list.
+fn degraded_reason(status: u16) -> &'static str {
+    match status {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        _ => "gone",
+    }
+}
+
+impl SharedKey for GroupsKey {
+    fn shared_key(&self) -> String {
+        let kind = match self.kind {
+            GroupsKind::List => "list",
+            GroupsKind::Membership => "member",
+        };
+        format!(
+            "{kind}:{}:{}",
+            self.user.as_deref().unwrap_or("*"),
+            self.slug
+        )
+    }
 }
 
 impl Weigh for GroupsKey {
@@ -989,7 +1007,7 @@ impl Weigh for GroupsOutcome {
 
 /// What the refresh identity cache keeps: the identity without connector
 /// data (so without tokens).
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct CachedIdentity {
     user_id: String,
     username: String,

@@ -1,7 +1,7 @@
 //! Bitbucket's JSON, as read. Lenient where Bitbucket is known to vary
 //! (`values: null`, `Values`), strict where the identity depends on it.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// `GET /2.0/user` (the `user` schema; only what an identity needs).
 #[derive(Debug, Clone, Deserialize)]
@@ -48,7 +48,7 @@ pub struct ApiWorkspacePermission {
 
 /// One group of `GET /1.0/groups/{workspace}` or `GET /1.0/groups?group=…`
 /// (a JSON array).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ApiGroup {
     pub slug: String,
     #[serde(default, deserialize_with = "null_as_empty")]
@@ -58,7 +58,7 @@ pub struct ApiGroup {
     pub owner: Option<ApiGroupOwner>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ApiGroupOwner {
     #[serde(default)]
     pub uuid: Option<String>,
@@ -68,7 +68,7 @@ pub struct ApiGroupOwner {
     pub nickname: Option<String>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ApiGroupMember {
     #[serde(default)]
     pub uuid: Option<String>,

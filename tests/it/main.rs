@@ -11,3 +11,4 @@ mod operate;
 mod refresh;
 mod secrets;
 mod security;
+mod shared_cache;
