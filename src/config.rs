@@ -186,6 +186,12 @@ impl ConnectorConfig {
         if self.get_workspace_permissions {
             s.push_str(", getWorkspacePermissions");
         }
+        if !self.team_groups.is_empty() {
+            s.push_str(&format!(", teamGroups ({})", self.team_groups.len()));
+        }
+        if !self.refresh_cache_ttl.is_zero() {
+            s.push_str(&format!(", refreshCacheTTL {:?}", self.refresh_cache_ttl));
+        }
         if self.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
             s.push_str(&format!(", apiURL {}", self.api_url));
         }
