@@ -113,10 +113,14 @@ impl Breakers {
             until: Instant::now(),
             trips: 0,
         });
+        // 429s of requests already in flight when the breaker opened are
+        // one trip, not several: only a 429 on a closed breaker escalates.
+        if b.until <= Instant::now() {
+            b.trips = b.trips.saturating_add(1);
+        }
         let wait = advised
-            .unwrap_or_else(|| backoff.saturating_mul(1 << b.trips.min(4)))
+            .unwrap_or_else(|| backoff.saturating_mul(1 << (b.trips.max(1) - 1).min(4)))
             .max(Duration::from_millis(1));
-        b.trips = b.trips.saturating_add(1);
         b.until = b.until.max(Instant::now() + wait);
         b.until.saturating_duration_since(Instant::now())
     }
@@ -467,6 +471,41 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn breaker_backs_off_per_trip_not_per_concurrent_429() {
+        let b = Breakers::default();
+        let backoff = Duration::from_secs(10);
+        assert_eq!(b.open_for("/x"), None);
+        let first = b.trip("/x", None, backoff);
+        assert!(
+            first > Duration::from_secs(9) && first <= backoff,
+            "{first:?}"
+        );
+        // Another 429 of the same burst: the same level.
+        let again = b.trip("/x", None, backoff);
+        assert!(again <= backoff, "{again:?}");
+        assert!(b.open_for("/y").is_none(), "per resource");
+        assert!(b.open_for("/x").is_some());
+        // Retry-After wins, and the breaker stays open at least as long.
+        assert!(b.trip("/z", Some(Duration::from_secs(3)), backoff) <= Duration::from_secs(3));
+        // Once it has closed, the next 429 doubles the wait.
+        b.0.lock().unwrap().get_mut("/x").unwrap().until = Instant::now();
+        let second = b.trip("/x", None, backoff);
+        assert!(
+            second > Duration::from_secs(19) && second <= 2 * backoff,
+            "{second:?}"
+        );
+        for _ in 0..10 {
+            b.0.lock().unwrap().get_mut("/x").unwrap().until = Instant::now();
+            b.trip("/x", None, backoff);
+        }
+        assert!(b.open_for("/x").unwrap() <= 16 * backoff);
+        // A success after it closed forgets the trips.
+        b.0.lock().unwrap().get_mut("/x").unwrap().until = Instant::now();
+        b.reset("/x");
+        assert!(b.trip("/x", None, backoff) <= backoff);
     }
 
     #[test]
