@@ -8,9 +8,9 @@
 //!
 //! Scenarios: login-latency, overhead, cpu, memory, startup, shutdown, profile,
 //! budget (the default set, in this order), faults (opt-in; `--fault-scale 0`
-//! runs the same load without faults, for comparison) and org (opt-in: an
-//! organisation's working day of logins and refreshes, ~5 min; needs
-//! redis-server). The binary is
+//! runs the same load without faults, for comparison), org and org-day
+//! (opt-in: an organisation's working day of logins and refreshes with
+//! permissionCacheTTL 10m or 8h, ~5 min each; needs redis-server). The binary is
 //! `$BITBUCKET_CONNECTOR_BIN`, else `target/release/bitbucket-connector`.
 //! Figures are printed as Markdown tables; nothing here asserts a timing.
 
@@ -118,7 +118,8 @@ fn main() {
                 "profile" => profile().await,
                 "faults" => faults(args.duration, args.clients, args.fault_scale).await,
                 "budget" => budget::calls().await,
-                "org" => budget::organisation().await,
+                "org" => budget::organisation(Duration::from_secs(600)).await,
+                "org-day" => budget::organisation(Duration::from_secs(8 * 3600)).await,
                 other => Err(format!("unknown scenario {other}").into()),
             };
             if let Err(e) = r {
