@@ -6,9 +6,11 @@
 //! cargo bench --bench bench -- [SCENARIO...] [--duration SECS] [--clients N]
 //! ```
 //!
-//! Scenarios: login-latency, overhead, cpu, memory, startup, shutdown, profile
-//! (the default set, in this order) and faults (opt-in; `--fault-scale 0`
-//! runs the same load without faults, for comparison). The binary is
+//! Scenarios: login-latency, overhead, cpu, memory, startup, shutdown, profile,
+//! budget (the default set, in this order), faults (opt-in; `--fault-scale 0`
+//! runs the same load without faults, for comparison), org and org-day
+//! (opt-in: an organisation's working day of logins and refreshes with
+//! permissionCacheTTL 10m or 8h, ~5 min each; needs redis-server). The binary is
 //! `$BITBUCKET_CONNECTOR_BIN`, else `target/release/bitbucket-connector`.
 //! Figures are printed as Markdown tables; nothing here asserts a timing.
 
@@ -32,6 +34,9 @@ use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use tonic_types::StatusExt as _;
 
+#[path = "budget/mod.rs"]
+mod budget;
+
 const DEFAULT_SCENARIOS: &[&str] = &[
     "login-latency",
     "overhead",
@@ -40,6 +45,7 @@ const DEFAULT_SCENARIOS: &[&str] = &[
     "startup",
     "shutdown",
     "profile",
+    "budget",
 ];
 const DATA_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const BENCH_ADMIN: &str = "bench-admin@example.com";
@@ -111,6 +117,9 @@ fn main() {
                 "shutdown" => shutdown().await,
                 "profile" => profile().await,
                 "faults" => faults(args.duration, args.clients, args.fault_scale).await,
+                "budget" => budget::calls().await,
+                "org" => budget::organisation(Duration::from_secs(600)).await,
+                "org-day" => budget::organisation(Duration::from_secs(8 * 3600)).await,
                 other => Err(format!("unknown scenario {other}").into()),
             };
             if let Err(e) = r {
@@ -229,6 +238,8 @@ fn group_options(cache_ttl: &str, whitelist: bool) -> Vec<String> {
 
 #[derive(Clone)]
 struct SvcOpts {
+    /// Extra top-level config lines (YAML, no indentation).
+    top: Vec<String>,
     connector: Vec<String>,
     grpc: Vec<String>,
     log_level: &'static str,
@@ -241,6 +252,7 @@ struct SvcOpts {
 impl Default for SvcOpts {
     fn default() -> Self {
         SvcOpts {
+            top: Vec::new(),
             connector: Vec::new(),
             grpc: Vec::new(),
             log_level: "info",
@@ -402,7 +414,7 @@ fn config_yaml(
             .collect::<String>()
     };
     format!(
-        "grpc:\n  addr: {addr}\n{grpc}telemetry:\n  http: {telemetry}\nlogger:\n  level: {level}\n\
+        "{top}grpc:\n  addr: {addr}\n{grpc}telemetry:\n  http: {telemetry}\nlogger:\n  level: {level}\n\
          connectorData:\n  keys: [\"{DATA_KEY}\"]\nconnectors:\n- type: bitbucket-cloud\n  \
          id: bitbucket-cloud\n  name: Bitbucket\n  config:\n    clientID: {DEMO_CLIENT_ID}\n    \
          clientSecret: demo-secret\n    redirectURI: {DEMO_REDIRECT_URI}\n    authURL: {}\n    \
@@ -412,6 +424,7 @@ fn config_yaml(
         fake.api_url(),
         fake.legacy_api_url(),
         opts.upstream_timeout,
+        top = indent(&opts.top, 0),
         grpc = indent(&opts.grpc, 2),
         level = opts.log_level,
         connector = indent(&opts.connector, 4),

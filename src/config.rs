@@ -31,6 +31,14 @@ pub struct Config {
     pub logger: LoggerConfig,
     pub connector_data: ConnectorDataConfig,
     pub connectors: Vec<ConnectorConfig>,
+    pub cache: CacheConfig,
+}
+
+/// `cache`: the optional shared cache of the replicas.
+#[derive(Debug, Clone, Default)]
+pub struct CacheConfig {
+    /// `cache.redis.url`, `$VAR`s expanded; a secret (it may carry a password).
+    pub redis_url: Option<Secret>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,6 +145,20 @@ pub struct ConnectorConfig {
     /// Upstream HTTP requests this connector has open at once; more wait
     /// (within their RPC's deadline).
     pub upstream_max_in_flight: usize,
+    /// `ws/group` entries whose membership is checked with the user's token.
+    pub team_groups: Vec<TeamGroup>,
+    pub permission_cache_ttl: Duration,
+    pub refresh_cache_ttl: Duration,
+    /// How long a resource's breaker stays open after a 429 without
+    /// Retry-After (doubled for each 429 in a row, at most 16 times as long).
+    pub rate_limit_backoff: Duration,
+}
+
+/// One `teamGroups` entry: `workspace/group-slug`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TeamGroup {
+    pub workspace: String,
+    pub group: String,
 }
 
 impl ConnectorConfig {
@@ -163,6 +185,12 @@ impl ConnectorConfig {
         }
         if self.get_workspace_permissions {
             s.push_str(", getWorkspacePermissions");
+        }
+        if !self.team_groups.is_empty() {
+            s.push_str(&format!(", teamGroups ({})", self.team_groups.len()));
+        }
+        if !self.refresh_cache_ttl.is_zero() {
+            s.push_str(&format!(", refreshCacheTTL {:?}", self.refresh_cache_ttl));
         }
         if self.api_url.as_str().trim_end_matches('/') != DEFAULT_API_URL {
             s.push_str(&format!(", apiURL {}", self.api_url));
@@ -483,8 +511,16 @@ impl Walker<'_> {
         let top = self.object(
             "",
             Some(root),
-            &["grpc", "telemetry", "logger", "connectorData", "connectors"],
+            &[
+                "grpc",
+                "telemetry",
+                "logger",
+                "connectorData",
+                "connectors",
+                "cache",
+            ],
         )?;
+        let cache = self.cache(top.get("cache"));
         let grpc = self.grpc(top.get("grpc"));
         let telemetry = self.telemetry(top.get("telemetry"));
         let logger = self.logger(top.get("logger"));
@@ -496,7 +532,50 @@ impl Walker<'_> {
             logger,
             connector_data,
             connectors,
+            cache,
         })
+    }
+
+    fn cache(&mut self, v: Option<&Value>) -> CacheConfig {
+        let Some(m) = self.object("cache", v, &["redis"]) else {
+            return CacheConfig::default();
+        };
+        if matches!(m.get("redis"), None | Some(Value::Null)) {
+            return CacheConfig::default();
+        }
+        let Some(r) = self.object("cache.redis", m.get("redis"), &["url"]) else {
+            return CacheConfig::default();
+        };
+        let url = self.string("cache.redis.url", r.get("url"));
+        let url = self.required("cache.redis.url", url);
+        if url.is_empty() {
+            return CacheConfig::default();
+        }
+        // The URL may carry a password: problems never repeat it.
+        match Url::parse(&url) {
+            Ok(u)
+                if (u.scheme() == "redis" || u.scheme() == "rediss")
+                    && u.host_str().is_some_and(|h| !h.is_empty()) =>
+            {
+                CacheConfig {
+                    redis_url: Some(Secret::new(url)),
+                }
+            }
+            Ok(u) if u.scheme() != "redis" && u.scheme() != "rediss" => {
+                self.err(
+                    "cache.redis.url",
+                    format!("must be a redis:// or rediss:// URL, not {}://", u.scheme()),
+                );
+                CacheConfig::default()
+            }
+            _ => {
+                self.err(
+                    "cache.redis.url",
+                    "is not a redis://[user:password@]host[:port][/db] URL",
+                );
+                CacheConfig::default()
+            }
+        }
     }
 
     fn grpc(&mut self, v: Option<&Value>) -> GrpcConfig {
@@ -757,6 +836,10 @@ impl Walker<'_> {
                 "legacyAPIURL",
                 "upstreamTimeout",
                 "upstreamMaxInFlight",
+                "teamGroups",
+                "permissionCacheTTL",
+                "refreshCacheTTL",
+                "rateLimitBackoff",
             ],
         )?;
         let k = |key: &str| join(&cp, key);
@@ -800,6 +883,41 @@ impl Walker<'_> {
             c.get("teamGroupsCacheTTL"),
             Duration::from_secs(60),
         );
+        let mut team_groups = Vec::new();
+        for (i, entry) in self
+            .string_list(&k("teamGroups"), c.get("teamGroups"), true)
+            .into_iter()
+            .enumerate()
+        {
+            match entry.trim().split_once('/') {
+                Some((w, g)) if is_slug(w) && is_slug(g) => team_groups.push(TeamGroup {
+                    workspace: w.to_string(),
+                    group: g.to_string(),
+                }),
+                _ => self.err(
+                    &format!("{}[{i}]", k("teamGroups")),
+                    format!("expected \"workspace/group-slug\", got {entry:?}"),
+                ),
+            }
+        }
+        let permission_cache_ttl = self.duration(
+            &k("permissionCacheTTL"),
+            c.get("permissionCacheTTL"),
+            Duration::from_secs(600),
+        );
+        let refresh_cache_ttl = self.duration(
+            &k("refreshCacheTTL"),
+            c.get("refreshCacheTTL"),
+            Duration::ZERO,
+        );
+        let rate_limit_backoff = self.duration(
+            &k("rateLimitBackoff"),
+            c.get("rateLimitBackoff"),
+            Duration::from_secs(60),
+        );
+        if rate_limit_backoff.is_zero() {
+            self.err(&k("rateLimitBackoff"), "must be more than 0s");
+        }
         Some(ConnectorConfig {
             id,
             name,
@@ -830,8 +948,22 @@ impl Walker<'_> {
                 crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
                 1,
             ),
+            team_groups,
+            permission_cache_ttl,
+            refresh_cache_ttl,
+            rate_limit_backoff,
         })
     }
+}
+
+/// A Bitbucket slug: what a workspace or group slug may be made of.
+fn is_slug(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s != "."
+        && s != ".."
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
 }
 
 trait ExpectDefault {
@@ -1040,6 +1172,100 @@ connectors:
         assert_eq!(c.grpc.shutdown_timeout, Duration::from_secs(10));
         assert!(c.grpc.reflection);
         assert_eq!(k.api_url.as_str(), "https://api.bitbucket.org/2.0");
+    }
+
+    #[test]
+    fn budget_keys_have_defaults_and_are_checked() {
+        let c = Config::parse(GOOD, &env).unwrap();
+        let k = &c.connectors[0];
+        assert_eq!(k.permission_cache_ttl, Duration::from_secs(600));
+        assert_eq!(k.refresh_cache_ttl, Duration::ZERO);
+        assert_eq!(k.rate_limit_backoff, Duration::from_secs(60));
+        assert!(k.team_groups.is_empty());
+        let set = GOOD.replace(
+            "    includeTeamGroups: true\n",
+            "    teamGroups: [my-team/devs, \"${TEAM}/ops\"]\n    permissionCacheTTL: 1m\n    refreshCacheTTL: 30s\n    rateLimitBackoff: 5s\n",
+        );
+        let env_team = |n: &str| {
+            if n == "TEAM" {
+                Some("other".to_string())
+            } else {
+                env(n)
+            }
+        };
+        let k = &Config::parse(&set, &env_team).unwrap().connectors[0];
+        assert_eq!(
+            k.team_groups,
+            [
+                TeamGroup {
+                    workspace: "my-team".into(),
+                    group: "devs".into()
+                },
+                TeamGroup {
+                    workspace: "other".into(),
+                    group: "ops".into()
+                },
+            ]
+        );
+        assert_eq!(k.permission_cache_ttl, Duration::from_secs(60));
+        assert_eq!(k.refresh_cache_ttl, Duration::from_secs(30));
+        assert_eq!(k.rate_limit_backoff, Duration::from_secs(5));
+        let bad = GOOD.replace(
+            "    includeTeamGroups: true\n",
+            "    teamGroups: [devs, a/b/c, \"a/\"]\n    refreshCacheTTL: soon\n    rateLimitBackoff: 0s\n",
+        );
+        let e = Config::parse(&bad, &env).unwrap_err().0;
+        for path in [
+            "connectors[0].config.teamGroups[0]",
+            "connectors[0].config.teamGroups[1]",
+            "connectors[0].config.teamGroups[2]",
+            "connectors[0].config.refreshCacheTTL",
+            "connectors[0].config.rateLimitBackoff",
+        ] {
+            assert!(e.iter().any(|m| m.starts_with(path)), "{path} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn cache_redis_url_expands_vars_and_never_repeats_the_password() {
+        assert!(Config::parse(GOOD, &env).unwrap().cache.redis_url.is_none());
+        let with = |url: &str| format!("cache:\n  redis:\n    url: {url}\n{GOOD}");
+        let env_pw = |n: &str| match n {
+            "REDIS_PW" => Some("pw-0123456789".to_string()),
+            n => env(n),
+        };
+        let c = Config::parse(&with("rediss://:$REDIS_PW@redis:6380/1"), &env_pw).unwrap();
+        let url = c.cache.redis_url.unwrap();
+        assert_eq!(url.expose(), "rediss://:pw-0123456789@redis:6380/1");
+        assert!(!format!("{url:?}").contains("pw-0123456789"));
+        for bad in [
+            "http://:pw-0123456789@redis:6379",
+            "redis://:pw-0123456789@",
+            "nonsense pw-0123456789",
+        ] {
+            let e = Config::parse(&with(bad), &env).unwrap_err().0;
+            assert!(
+                e.iter().any(|m| m.starts_with("cache.redis.url: ")),
+                "{e:?}"
+            );
+            assert!(!e.iter().any(|m| m.contains("pw-0123456789")), "{e:?}");
+        }
+        let e = Config::parse(&with("redis://:$UNSET_PW@redis"), &env)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("cache.redis.url: ") && m.contains("UNSET_PW")),
+            "{e:?}"
+        );
+        let e = Config::parse(&format!("cache:\n  redis:\n    uri: x\n{GOOD}"), &env)
+            .unwrap_err()
+            .0;
+        assert!(
+            e.iter()
+                .any(|m| m.starts_with("cache.redis.uri: unknown key")),
+            "{e:?}"
+        );
     }
 
     #[test]

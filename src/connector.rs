@@ -12,9 +12,10 @@ use futures_util::stream::{self, StreamExt as _};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::bitbucket::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess};
+use crate::bitbucket::types::{ApiEmail, ApiGroup, ApiGroupMember, ApiUser, ApiWorkspaceAccess};
 use crate::bitbucket::{self, Auth, Grant, UpstreamError};
-use crate::config::ConnectorConfig;
+use crate::cache::{SharedCache, SharedKey, TtlCache, Weigh};
+use crate::config::{ConnectorConfig, TeamGroup};
 use crate::metrics::Metrics;
 use crate::sealing::{OpenError, Origin, Sealer, Tokens};
 use crate::secret::Secret;
@@ -102,6 +103,12 @@ pub enum Error {
     BadConnectorData(#[from] OpenError),
     #[error("bitbucket: {0}")]
     Unavailable(String),
+    /// Bitbucket's rate limit: a 429, or the resource's breaker still open.
+    #[error("bitbucket: {message}")]
+    RateLimited {
+        message: String,
+        retry_after_seconds: u64,
+    },
     #[error("bitbucket: {0}")]
     UpstreamInvalid(String),
     #[error("bitbucket: {0}")]
@@ -122,6 +129,10 @@ impl From<UpstreamError> for Error {
             | UpstreamError::Status { .. }
             | UpstreamError::Unavailable { .. } => Error::Unavailable(msg),
             UpstreamError::DeadlineExceeded { .. } => Error::DeadlineExceeded(msg),
+            UpstreamError::RateLimited { retry_after, .. } => Error::RateLimited {
+                message: msg,
+                retry_after_seconds: bitbucket::retry_after_seconds(retry_after),
+            },
             UpstreamError::Invalid { .. } => Error::UpstreamInvalid(msg),
             UpstreamError::Unauthorized { .. } => Error::Unauthenticated(msg),
             UpstreamError::Denied { .. } => Error::UpstreamForbidden(msg),
@@ -141,7 +152,9 @@ pub struct Connector {
     client: bitbucket::Client,
     sealer: Arc<Sealer>,
     metrics: Metrics,
-    groups_cache: GroupsCache,
+    groups_cache: TtlCache<GroupsKey, GroupsOutcome>,
+    permission_cache: TtlCache<(String, String), Option<String>>,
+    refresh_cache: TtlCache<(String, bool), CachedIdentity>,
     redemptions: Redemptions,
     warned_workspaces: Mutex<HashSet<String>>,
 }
@@ -160,6 +173,7 @@ impl Connector {
         sealer: Arc<Sealer>,
         metrics: Metrics,
         http: bitbucket::HttpOptions,
+        shared: Option<Arc<SharedCache>>,
     ) -> Result<Connector, String> {
         let endpoints = bitbucket::Endpoints {
             auth_url: cfg.auth_url.clone(),
@@ -170,6 +184,7 @@ impl Connector {
         let http = bitbucket::HttpOptions {
             attempt_timeout: cfg.upstream_timeout,
             max_in_flight: cfg.upstream_max_in_flight,
+            rate_limit_backoff: cfg.rate_limit_backoff,
             ..http
         };
         let client = bitbucket::Client::new(
@@ -180,7 +195,16 @@ impl Connector {
             http,
         )?;
         Ok(Connector {
-            groups_cache: GroupsCache::new(cfg.team_groups_cache_ttl),
+            groups_cache: TtlCache::new("groups", cfg.team_groups_cache_ttl, metrics.clone())
+                .shared(shared.clone(), &cfg.id),
+            permission_cache: TtlCache::new(
+                "permission",
+                cfg.permission_cache_ttl,
+                metrics.clone(),
+            )
+            .shared(shared.clone(), &cfg.id),
+            refresh_cache: TtlCache::new("refresh", cfg.refresh_cache_ttl, metrics.clone())
+                .shared(shared, &cfg.id),
             cfg,
             client,
             sealer,
@@ -222,6 +246,7 @@ impl Connector {
             .fetch_identity(&grant.access_token, scopes, deadline)
             .await?;
         let mut identity = user.identity;
+        self.remember(scopes, &identity).await;
         if scopes.offline_access {
             let tokens = tokens_from_grant(&grant, None, &identity.user_id);
             identity.connector_data = Some(self.seal(&tokens)?);
@@ -248,6 +273,26 @@ impl Connector {
                     expected: previous.user_id.clone(),
                     actual: uuid.clone(),
                 });
+            }
+        }
+
+        // refreshCacheTTL: an identity computed within the window, while the
+        // sealed access token is still usable, is answered without Bitbucket.
+        let cached = match &tokens.user_uuid {
+            Some(u) if usable(tokens.expiry, SystemTime::now()) => {
+                self.refresh_cache.get(&self.refresh_key(scopes, u)).await
+            }
+            _ => None,
+        };
+        if let Some(hit) = cached {
+            if previous.user_id.is_empty() || same_uuid(&hit.user_id, &previous.user_id) {
+                let mut identity = hit.identity();
+                identity.connector_data = Some(if origin == Origin::Current {
+                    data.to_vec()
+                } else {
+                    self.seal(&tokens)?
+                });
+                return Ok(identity);
             }
         }
 
@@ -291,12 +336,33 @@ impl Connector {
             }
         }
         current.user_uuid = Some(identity.user_id.clone());
+        self.remember(scopes, &identity).await;
         identity.connector_data = Some(if current == tokens && origin == Origin::Current {
             data.to_vec()
         } else {
             self.seal(&current)?
         });
         Ok(identity)
+    }
+
+    fn groups_needed(&self, scopes: Scopes) -> bool {
+        scopes.groups || !self.cfg.teams.is_empty()
+    }
+
+    fn refresh_key(&self, scopes: Scopes, user_uuid: &str) -> (String, bool) {
+        (normal_uuid(user_uuid), self.groups_needed(scopes))
+    }
+
+    /// Keeps a computed identity for refreshCacheTTL (without connector data).
+    async fn remember(&self, scopes: Scopes, identity: &Identity) {
+        if self.refresh_cache.enabled() {
+            self.refresh_cache
+                .put(
+                    self.refresh_key(scopes, &identity.user_id),
+                    CachedIdentity::of(identity),
+                )
+                .await;
+        }
     }
 
     fn seal(&self, tokens: &Tokens) -> Result<Vec<u8>, Error> {
@@ -352,7 +418,7 @@ impl Connector {
         scopes: Scopes,
         deadline: Instant,
     ) -> Result<Fetched, Error> {
-        let groups_needed = scopes.groups || !self.cfg.teams.is_empty();
+        let groups_needed = self.groups_needed(scopes);
         let (user, emails, workspaces) = tokio::try_join!(
             async { self.client.user(token, deadline).await.map_err(Error::from) },
             async {
@@ -423,22 +489,151 @@ impl Connector {
                 )));
             }
         }
-        let details: Vec<WorkspaceDetails> =
-            if self.cfg.include_team_groups || self.cfg.get_workspace_permissions {
-                let lookups: Vec<_> = kept
+        let members = if self.cfg.team_groups.is_empty() {
+            None
+        } else {
+            Some(
+                self.team_group_memberships(token, &user.uuid, &kept, deadline)
+                    .await?,
+            )
+        };
+        let lists = self.cfg.include_team_groups && members.is_none();
+        let mut details: Vec<WorkspaceDetails> = if lists || self.cfg.get_workspace_permissions {
+            let lookups: Vec<_> = kept
+                .iter()
+                .map(|w| self.workspace_details(token, &user.uuid, w, lists, deadline))
+                .collect();
+            stream::iter(lookups)
+                .buffered(WORKSPACE_CONCURRENCY)
+                .collect::<Vec<_>>()
+                .await
+                .into_iter()
+                .collect::<Result<_, _>>()?
+        } else {
+            kept.iter()
+                .map(|_| WorkspaceDetails {
+                    permission: None,
+                    groups: None,
+                })
+                .collect()
+        };
+        if let Some(members) = members {
+            for (w, d) in kept.iter().zip(details.iter_mut()) {
+                let mine: Vec<ApiGroup> = members
                     .iter()
-                    .map(|w| self.workspace_details(token, &user.uuid, w, deadline))
+                    .filter(|g| g.workspace.eq_ignore_ascii_case(&w.workspace.slug))
+                    .map(|g| ApiGroup {
+                        slug: g.group.clone(),
+                        members: vec![ApiGroupMember {
+                            uuid: Some(user.uuid.clone()),
+                        }],
+                        owner: None,
+                    })
                     .collect();
-                stream::iter(lookups)
-                    .buffered(WORKSPACE_CONCURRENCY)
-                    .collect::<Vec<_>>()
-                    .await
-                    .into_iter()
-                    .collect::<Result<_, _>>()?
-            } else {
-                Vec::new()
-            };
+                d.groups = Some(Arc::new(mine));
+            }
+        }
         Ok(compose_groups(&kept, &details, &user.uuid))
+    }
+
+    /// teamGroups: which of the listed groups of the kept workspaces the user
+    /// is in, asked with the user's own token (`/1.0/groups?group=ws/slug`,
+    /// all of them in one request: Bitbucket answers every listed group the
+    /// caller may see, and a shared workspace's group only to its members).
+    async fn team_group_memberships(
+        &self,
+        token: &Secret,
+        user_uuid: &str,
+        kept: &[ApiWorkspaceAccess],
+        deadline: Instant,
+    ) -> Result<Arc<Vec<TeamGroup>>, Error> {
+        let wanted: Vec<(TeamGroup, Option<String>)> = self
+            .cfg
+            .team_groups
+            .iter()
+            .filter_map(|tg| {
+                kept.iter()
+                    .find(|w| w.workspace.slug.eq_ignore_ascii_case(&tg.workspace))
+                    .map(|w| {
+                        (
+                            TeamGroup {
+                                workspace: w.workspace.slug.clone(),
+                                group: tg.group.clone(),
+                            },
+                            w.workspace.uuid.clone(),
+                        )
+                    })
+            })
+            .collect();
+        if wanted.is_empty() {
+            return Ok(Arc::new(Vec::new()));
+        }
+        let key = GroupsKey {
+            slug: wanted
+                .iter()
+                .map(|(g, _)| format!("{}/{}", g.workspace, g.group))
+                .collect::<Vec<_>>()
+                .join(" "),
+            user: Some(normal_uuid(user_uuid)),
+            kind: GroupsKind::Membership,
+        };
+        if let Some(GroupsOutcome::Members(hit)) = self.groups_cache.get(&key).await {
+            return Ok(hit);
+        }
+        let mut found = Vec::new();
+        for chunk in wanted.chunks(bitbucket::MAX_GROUP_FILTERS) {
+            let filters: Vec<(&str, &str)> = chunk
+                .iter()
+                .map(|(g, _)| (g.workspace.as_str(), g.group.as_str()))
+                .collect();
+            let visible = self.client.group_filter(token, &filters, deadline).await?;
+            for g in visible {
+                if !g
+                    .members
+                    .iter()
+                    .any(|m| m.uuid.as_deref().is_some_and(|u| same_uuid(u, user_uuid)))
+                {
+                    continue;
+                }
+                let candidates: Vec<&(TeamGroup, Option<String>)> = chunk
+                    .iter()
+                    .filter(|(t, _)| t.group.eq_ignore_ascii_case(&g.slug))
+                    .collect();
+                let hit = match candidates.as_slice() {
+                    [only] => Some(*only),
+                    many => many.iter().copied().find(|(t, ws_uuid)| {
+                        g.owner.as_ref().is_some_and(|o| {
+                            o.uuid
+                                .as_deref()
+                                .zip(ws_uuid.as_deref())
+                                .is_some_and(|(a, b)| same_uuid(a, b))
+                                || o.username
+                                    .as_deref()
+                                    .is_some_and(|n| n.eq_ignore_ascii_case(&t.workspace))
+                                || o.nickname
+                                    .as_deref()
+                                    .is_some_and(|n| n.eq_ignore_ascii_case(&t.workspace))
+                        })
+                    }),
+                };
+                if let Some((t, _)) = hit {
+                    if !found.contains(t) {
+                        found.push(t.clone());
+                    }
+                }
+            }
+        }
+        // In the configured order.
+        let found: Vec<TeamGroup> = wanted
+            .into_iter()
+            .map(|(t, _)| t)
+            .filter(|t| found.contains(t))
+            .collect();
+        let found = Arc::new(found);
+        self.groups_cache
+            .put(key, GroupsOutcome::Members(found.clone()))
+            .await;
+        Ok(found)
     }
 
     async fn workspace_details(
@@ -446,6 +641,7 @@ impl Connector {
         token: &Secret,
         user_uuid: &str,
         access: &ApiWorkspaceAccess,
+        lists: bool,
         deadline: Instant,
     ) -> Result<WorkspaceDetails, Error> {
         let slug = access.workspace.slug.as_str();
@@ -453,21 +649,32 @@ impl Connector {
             if !self.cfg.get_workspace_permissions {
                 return Ok(None);
             }
-            match self.client.permission(token, slug, deadline).await {
-                Ok(p) => Ok(Some(p)),
+            // `/2.0/user/workspaces` says who administers a workspace, and a
+            // workspace's administrators are its owners: no call needed.
+            if access.administrator {
+                return Ok(Some("owner".to_string()));
+            }
+            let key = (normal_uuid(user_uuid), slug.to_ascii_lowercase());
+            if let Some(hit) = self.permission_cache.get(&key).await {
+                return Ok(hit);
+            }
+            let p = match self.client.permission(token, slug, deadline).await {
+                Ok(p) => Some(p),
                 Err(UpstreamError::Denied { status, .. }) => {
                     tracing::debug!(
                         workspace = slug,
                         status,
                         "workspace permission not readable"
                     );
-                    Ok(None)
+                    None
                 }
-                Err(e) => Err(Error::from(e)),
-            }
+                Err(e) => return Err(Error::from(e)),
+            };
+            self.permission_cache.put(key, p.clone()).await;
+            Ok(p)
         };
         let groups = async {
-            if !self.cfg.include_team_groups {
+            if !lists {
                 return Ok(None);
             }
             self.workspace_groups(token, user_uuid, access, deadline)
@@ -491,13 +698,15 @@ impl Connector {
         let slug = access.workspace.slug.as_str();
         let as_user = GroupsKey {
             slug: slug.to_string(),
-            user: Some(user_uuid.to_string()),
+            user: Some(normal_uuid(user_uuid)),
+            kind: GroupsKind::List,
         };
         let outcome = match &self.cfg.team_groups_auth {
             Some(a) => {
                 let shared = GroupsKey {
                     slug: slug.to_string(),
                     user: None,
+                    kind: GroupsKind::List,
                 };
                 let basic = Auth::Basic {
                     username: &a.username,
@@ -511,6 +720,9 @@ impl Connector {
                     outcome => outcome,
                 }
             }
+            // API 1.0 lists a workspace's groups to its admins only, and
+            // `administrator` already says the user is none: not asked.
+            None if !access.administrator => GroupsOutcome::Unreadable { status: 403 },
             None => {
                 self.read_groups(as_user, Auth::Bearer(token), deadline)
                     .await?
@@ -518,8 +730,9 @@ impl Connector {
         };
         match outcome {
             GroupsOutcome::Read(g) => Ok(Some(g)),
-            GroupsOutcome::Unreadable { reason, status } => {
-                self.metrics.degraded(reason);
+            GroupsOutcome::Members(_) => Ok(None),
+            GroupsOutcome::Unreadable { status } => {
+                self.metrics.degraded(degraded_reason(status));
                 let first = {
                     let mut warned = self
                         .warned_workspaces
@@ -550,28 +763,18 @@ impl Connector {
         auth: Auth<'_>,
         deadline: Instant,
     ) -> Result<GroupsOutcome, Error> {
-        if let Some(hit) = self.groups_cache.get(&key) {
+        if let Some(hit) = self.groups_cache.get(&key).await {
             return Ok(hit);
         }
         let outcome = match self.client.groups(auth, &key.slug, deadline).await {
             Ok(g) => GroupsOutcome::Read(Arc::new(g)),
-            Err(UpstreamError::Denied { status, .. }) => GroupsOutcome::Unreadable {
-                reason: match status {
-                    403 => "forbidden",
-                    404 => "not_found",
-                    _ => "gone",
-                },
-                status,
-            },
+            Err(UpstreamError::Denied { status, .. }) => GroupsOutcome::Unreadable { status },
             // The credential itself was refused (a wrong teamGroupsAuth):
             // the login goes on without groups rather than failing.
-            Err(UpstreamError::Unauthorized { .. }) => GroupsOutcome::Unreadable {
-                reason: "unauthorized",
-                status: 401,
-            },
+            Err(UpstreamError::Unauthorized { .. }) => GroupsOutcome::Unreadable { status: 401 },
             Err(e) => return Err(e.into()),
         };
-        self.groups_cache.put(key, outcome.clone());
+        self.groups_cache.put(key, outcome.clone()).await;
         Ok(outcome)
     }
 }
@@ -731,57 +934,128 @@ fn clip(s: &str, max: usize) -> String {
 /// `teamGroupsAuth` credential, else the user whose token read them.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 struct GroupsKey {
+    /// A workspace slug (`List`), or the `ws/group` filters asked (`Membership`).
     slug: String,
     user: Option<String>,
+    kind: GroupsKind,
 }
 
-#[derive(Clone, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum GroupsKind {
+    List,
+    Membership,
+}
+
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 enum GroupsOutcome {
     Read(Arc<Vec<ApiGroup>>),
-    Unreadable { reason: &'static str, status: u16 },
+    /// 401 (a refused teamGroupsAuth), 403, 404 or 410.
+    Unreadable {
+        status: u16,
+    },
+    /// teamGroups: the listed groups the user is in.
+    Members(Arc<Vec<TeamGroup>>),
 }
 
-/// Group lists (and refusals) for `teamGroupsCacheTTL`.
-struct GroupsCache {
-    ttl: Duration,
-    entries: Mutex<HashMap<GroupsKey, (Instant, GroupsOutcome)>>,
+/// The `team_groups_degraded_total` reason of an unreadable group list.
+fn degraded_reason(status: u16) -> &'static str {
+    match status {
+        401 => "unauthorized",
+        403 => "forbidden",
+        404 => "not_found",
+        _ => "gone",
+    }
 }
 
-const GROUPS_CACHE_MAX: usize = 10_000;
+impl SharedKey for GroupsKey {
+    fn shared_key(&self) -> String {
+        let kind = match self.kind {
+            GroupsKind::List => "list",
+            GroupsKind::Membership => "member",
+        };
+        format!(
+            "{kind}:{}:{}",
+            self.user.as_deref().unwrap_or("*"),
+            self.slug
+        )
+    }
+}
 
-impl GroupsCache {
-    fn new(ttl: Duration) -> Self {
-        GroupsCache {
-            ttl,
-            entries: Mutex::new(HashMap::new()),
+impl Weigh for GroupsKey {
+    fn weigh(&self) -> usize {
+        self.slug.len() + self.user.weigh()
+    }
+}
+
+impl Weigh for GroupsOutcome {
+    fn weigh(&self) -> usize {
+        match self {
+            GroupsOutcome::Read(groups) => groups
+                .iter()
+                .map(|g| {
+                    64 + g.slug.len() + g.members.iter().map(|m| 32 + m.uuid.weigh()).sum::<usize>()
+                })
+                .sum(),
+            GroupsOutcome::Unreadable { .. } => 0,
+            GroupsOutcome::Members(m) => m
+                .iter()
+                .map(|t| 48 + t.workspace.len() + t.group.len())
+                .sum(),
+        }
+    }
+}
+
+/// What the refresh identity cache keeps: the identity without connector
+/// data (so without tokens).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+struct CachedIdentity {
+    user_id: String,
+    username: String,
+    preferred_username: String,
+    email: String,
+    groups: Vec<String>,
+}
+
+impl CachedIdentity {
+    fn of(i: &Identity) -> Self {
+        CachedIdentity {
+            user_id: i.user_id.clone(),
+            username: i.username.clone(),
+            preferred_username: i.preferred_username.clone(),
+            email: i.email.clone(),
+            groups: i.groups.clone(),
         }
     }
 
-    fn get(&self, key: &GroupsKey) -> Option<GroupsOutcome> {
-        if self.ttl.is_zero() {
-            return None;
+    fn identity(&self) -> Identity {
+        Identity {
+            user_id: self.user_id.clone(),
+            username: self.username.clone(),
+            preferred_username: self.preferred_username.clone(),
+            email: self.email.clone(),
+            email_verified: true,
+            groups: self.groups.clone(),
+            connector_data: None,
         }
-        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        entries
-            .get(key)
-            .filter(|(at, _)| at.elapsed() < self.ttl)
-            .map(|(_, g)| g.clone())
     }
+}
 
-    fn put(&self, key: GroupsKey, outcome: GroupsOutcome) {
-        if self.ttl.is_zero() {
-            return;
-        }
-        let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= GROUPS_CACHE_MAX {
-            let ttl = self.ttl;
-            entries.retain(|_, (at, _)| at.elapsed() < ttl);
-            if entries.len() >= GROUPS_CACHE_MAX {
-                entries.clear();
-            }
-        }
-        entries.insert(key, (Instant::now(), outcome));
+impl Weigh for CachedIdentity {
+    fn weigh(&self) -> usize {
+        self.user_id.len()
+            + self.username.len()
+            + self.preferred_username.len()
+            + self.email.len()
+            + self.groups.weigh()
     }
+}
+
+/// A uuid as a cache key: without braces, lower case.
+fn normal_uuid(u: &str) -> String {
+    u.trim()
+        .trim_start_matches('{')
+        .trim_end_matches('}')
+        .to_ascii_lowercase()
 }
 
 type Redemption = Arc<OnceCell<Result<Grant, Error>>>;
@@ -870,6 +1144,7 @@ mod tests {
                     uuid: Some(u.to_string()),
                 })
                 .collect(),
+            owner: None,
         }
     }
 
@@ -981,24 +1256,25 @@ mod tests {
     }
 
     #[test]
-    fn groups_cache_expires_and_keeps_views_apart() {
-        let c = GroupsCache::new(Duration::from_millis(30));
-        let shared = GroupsKey {
-            slug: "w".into(),
-            user: None,
+    fn cached_identities_never_carry_connector_data() {
+        let i = Identity {
+            user_id: "{a}".into(),
+            username: "alice".into(),
+            groups: vec!["w".into()],
+            connector_data: Some(b"v1.sealed".to_vec()),
+            email_verified: true,
+            ..Default::default()
         };
-        let alice = GroupsKey {
-            slug: "w".into(),
-            user: Some("{a}".into()),
-        };
-        c.put(alice.clone(), GroupsOutcome::Read(Arc::new(vec![])));
-        assert!(c.get(&alice).is_some());
-        assert!(c.get(&shared).is_none(), "a user's view must not be shared");
-        std::thread::sleep(Duration::from_millis(40));
-        assert!(c.get(&alice).is_none());
-        let off = GroupsCache::new(Duration::ZERO);
-        off.put(shared.clone(), GroupsOutcome::Read(Arc::new(vec![])));
-        assert!(off.get(&shared).is_none());
+        let back = CachedIdentity::of(&i).identity();
+        assert_eq!(back.connector_data, None);
+        assert_eq!(
+            Identity {
+                connector_data: None,
+                ..i
+            },
+            back
+        );
+        assert_eq!(normal_uuid(" {ABC-1} "), "abc-1");
     }
 }
 

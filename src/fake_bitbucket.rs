@@ -15,7 +15,10 @@
 //!   `access_token` query parameter is ignored, and counted). `/2.0/workspaces`
 //!   and `/2.0/user/permissions/workspaces` answer 410 Gone.
 //! - API 1.0: `GET /1.0/groups/{workspace}` for workspace admins (an owner's
-//!   Bearer token, or an [`AdminCredential`] as HTTP Basic).
+//!   Bearer token, or an [`AdminCredential`] as HTTP Basic), and
+//!   `GET /1.0/groups?group=ws/slug&group=…`: the listed groups the caller is a
+//!   member of (an admin credential: those of its workspaces), 200 with an
+//!   empty list when none.
 //!
 //! Faults ([`Fault`]) can be injected per [`Endpoint`]. The server runs until
 //! [`FakeBitbucket::shutdown`] or until the last clone of the handle is
@@ -92,13 +95,15 @@ pub enum Endpoint {
     Workspaces,
     Permission,
     Groups,
+    /// `GET /1.0/groups?group=ws/slug&…` (membership by filter).
+    GroupFilter,
     /// In [`FakeBitbucket::inject`]: every endpoint above. In
     /// [`FakeBitbucket::hits`]: all requests, as [`FakeBitbucket::total_hits`].
     Any,
 }
 
 impl Endpoint {
-    const COUNT: usize = 7;
+    const COUNT: usize = 8;
 
     fn index(self) -> Option<usize> {
         match self {
@@ -109,6 +114,7 @@ impl Endpoint {
             Endpoint::Workspaces => Some(4),
             Endpoint::Permission => Some(5),
             Endpoint::Groups => Some(6),
+            Endpoint::GroupFilter => Some(7),
             Endpoint::Any => None,
         }
     }

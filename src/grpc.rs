@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::connector::{self, Connector, Connectors, Error, Scopes};
-use crate::metrics::{MethodLabels, Metrics, RpcLabels, UPSTREAM_CALLS};
+use crate::metrics::{MethodLabels, Metrics, RpcLabels, UpstreamTally, UPSTREAM_CALLS};
 use crate::pb;
 
 /// The ErrorInfo domain of every error this service returns.
@@ -113,7 +112,7 @@ struct Record<'a> {
     request_id: String,
     started: std::time::Instant,
     deadline: Instant,
-    upstream_calls: Arc<AtomicU32>,
+    upstream_calls: Arc<UpstreamTally>,
     done: bool,
 }
 
@@ -143,15 +142,16 @@ impl Record<'_> {
         let connector = tracing::field::display(self.connector.as_str());
         let code = code_name(code);
         let request_id = tracing::field::display(self.request_id.as_str());
-        let upstream_calls = self.upstream_calls.load(Ordering::Relaxed);
+        let upstream_calls = self.upstream_calls.total();
+        let upstream = tracing::field::display(self.upstream_calls.summary());
         let rpc = tracing::field::display(method);
         // `error: None` and `reason: None` record no field; reasons are
         // static SCREAMING_SNAKE names.
         let reason = reason.map(tracing::field::display);
         if error.is_some() && is_server_fault(code) {
-            tracing::warn!(rpc, connector, code = %code, reason, ms, upstream_calls, request_id, error, "rpc");
+            tracing::warn!(rpc, connector, code = %code, reason, ms, upstream_calls, upstream, request_id, error, "rpc");
         } else {
-            tracing::info!(rpc, connector, code = %code, reason, ms, upstream_calls, request_id, error, "rpc");
+            tracing::info!(rpc, connector, code = %code, reason, ms, upstream_calls, upstream, request_id, error, "rpc");
         }
     }
 }
@@ -374,6 +374,7 @@ pub fn into_status(e: &Error) -> Status {
         Error::UserChanged { .. } => (Code::PermissionDenied, "USER_CHANGED"),
         Error::BadConnectorData(_) => (Code::InvalidArgument, "CONNECTOR_DATA_INVALID"),
         Error::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+        Error::RateLimited { .. } => (Code::Unavailable, "UPSTREAM_RATE_LIMITED"),
         Error::UpstreamInvalid(_) => (Code::Internal, "UPSTREAM_INVALID"),
         Error::UpstreamForbidden(_) => (Code::FailedPrecondition, "UPSTREAM_FORBIDDEN"),
         Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
@@ -388,6 +389,16 @@ pub fn into_status(e: &Error) -> Status {
             metadata.insert("username".to_string(), username.clone());
         }
         _ => {}
+    }
+    if let Error::RateLimited {
+        retry_after_seconds,
+        ..
+    } = e
+    {
+        metadata.insert(
+            "retry_after_seconds".to_string(),
+            retry_after_seconds.to_string(),
+        );
     }
     status_with(code, e.to_string(), reason, metadata)
 }

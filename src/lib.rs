@@ -13,6 +13,7 @@
 )]
 
 pub mod bitbucket;
+pub mod cache;
 pub mod cli;
 pub mod config;
 pub mod connector;

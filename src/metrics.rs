@@ -68,10 +68,49 @@ pub struct VersionLabels {
     pub version: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CacheLabels {
+    pub cache: &'static str,
+    pub result: &'static str,
+}
+
 tokio::task_local! {
     /// Upstream HTTP requests made on behalf of the current RPC (its log line
     /// reports them). Unset outside an RPC.
-    pub static UPSTREAM_CALLS: Arc<std::sync::atomic::AtomicU32>;
+    pub static UPSTREAM_CALLS: Arc<UpstreamTally>;
+}
+
+/// One RPC's upstream requests, counted by endpoint template.
+#[derive(Debug, Default)]
+pub struct UpstreamTally(std::sync::Mutex<Vec<(&'static str, u32)>>);
+
+impl UpstreamTally {
+    pub fn add(&self, endpoint: &'static str) {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match v.iter_mut().find(|(e, _)| *e == endpoint) {
+            Some((_, n)) => *n += 1,
+            None => v.push((endpoint, 1)),
+        }
+    }
+
+    pub fn total(&self) -> u32 {
+        let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        v.iter().map(|(_, n)| n).sum()
+    }
+
+    /// `endpoint:count` pairs joined by `,`, sorted by endpoint; "-" for none.
+    /// Templates carry no spaces, so the field needs no quoting.
+    pub fn summary(&self) -> String {
+        let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        if v.is_empty() {
+            return "-".to_string();
+        }
+        v.sort_unstable();
+        v.iter()
+            .map(|(e, n)| format!("{e}:{n}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
@@ -94,6 +133,9 @@ pub struct Metrics {
     pub team_groups_degraded: Family<ReasonLabels, Counter>,
     pub refresh_redemptions: Family<OutcomeLabels, Counter>,
     pub refresh_joined: Counter<u64, AtomicU64>,
+    pub upstream_rate_limited: Family<EndpointLabels, Counter>,
+    pub cache_requests: Family<CacheLabels, Counter>,
+    pub shared_cache_errors: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -167,6 +209,24 @@ impl Metrics {
             "Refresh calls that shared another call's redemption of the same refresh token",
             refresh_joined.clone(),
         );
+        let upstream_rate_limited = Family::<EndpointLabels, Counter>::default();
+        r.register(
+            "upstream_rate_limited",
+            "Requests refused by Bitbucket with 429, and requests not sent while that resource's breaker was open",
+            upstream_rate_limited.clone(),
+        );
+        let cache_requests = Family::<CacheLabels, Counter>::default();
+        r.register(
+            "cache_requests",
+            "Cache lookups by cache (groups, permission, refresh) and result (hit, miss, error)",
+            cache_requests.clone(),
+        );
+        let shared_cache_errors = Counter::<u64, AtomicU64>::default();
+        r.register(
+            "shared_cache_errors",
+            "Operations on the shared (Redis) cache that failed; the in-process cache answered instead",
+            shared_cache_errors.clone(),
+        );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
             .get_or_create(&VersionLabels {
@@ -185,6 +245,9 @@ impl Metrics {
             team_groups_degraded,
             refresh_redemptions,
             refresh_joined,
+            upstream_rate_limited,
+            cache_requests,
+            shared_cache_errors,
         }
     }
 
@@ -224,7 +287,7 @@ impl Metrics {
     }
 
     pub fn upstream(&self, endpoint: &'static str, status: UpstreamStatus, seconds: f64) {
-        let _ = UPSTREAM_CALLS.try_with(|c| c.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let _ = UPSTREAM_CALLS.try_with(|c| c.add(endpoint));
         self.upstream_requests
             .get_or_create(&UpstreamLabels { endpoint, status })
             .inc();
@@ -242,6 +305,18 @@ impl Metrics {
     pub fn degraded(&self, reason: &'static str) {
         self.team_groups_degraded
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub fn rate_limited(&self, endpoint: &'static str) {
+        self.upstream_rate_limited
+            .get_or_create(&EndpointLabels { endpoint })
+            .inc();
+    }
+
+    pub fn cache(&self, cache: &'static str, result: &'static str) {
+        self.cache_requests
+            .get_or_create(&CacheLabels { cache, result })
             .inc();
     }
 
@@ -274,6 +349,8 @@ mod tests {
         m.degraded("forbidden");
         m.redemption("ok");
         m.refresh_joined.inc();
+        m.rate_limited("/2.0/user/emails");
+        m.cache("permission", "hit");
         let text = m.encode();
         for line in [
             "bitbucket_connector_rpc_requests_total{method=\"LoginURL\",code=\"OK\"} 1",
@@ -283,6 +360,8 @@ mod tests {
             "bitbucket_connector_team_groups_degraded_total{reason=\"forbidden\"} 1",
             "bitbucket_connector_refresh_redemptions_total{outcome=\"ok\"} 1",
             "bitbucket_connector_refresh_joined_total 1",
+            "bitbucket_connector_upstream_rate_limited_total{endpoint=\"/2.0/user/emails\"} 1",
+            "bitbucket_connector_cache_requests_total{cache=\"permission\",result=\"hit\"} 1",
             "bitbucket_connector_rpc_in_flight 0",
             "bitbucket_connector_build_info{version=\"",
             "# TYPE bitbucket_connector_rpc_duration_seconds histogram",
@@ -292,6 +371,15 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in\n{text}");
         }
         assert!(!text.contains("# EOF"));
+        let t = UpstreamTally::default();
+        assert_eq!(t.summary(), "-");
+        t.add("/2.0/user/emails");
+        t.add("/2.0/user");
+        t.add("/2.0/user/emails");
+        assert_eq!(
+            (t.total(), t.summary().as_str()),
+            (3, "/2.0/user:1,/2.0/user/emails:2")
+        );
         assert!(m
             .encode_openmetrics()
             .contains("# TYPE bitbucket_connector_rpc_requests counter"));

@@ -79,6 +79,10 @@ impl App {
             &config.connector_data.keys,
             config.connector_data.accept_dex_plaintext,
         )?);
+        let shared = match &config.cache.redis_url {
+            Some(url) => Some(crate::cache::SharedCache::open(url)?),
+            None => None,
+        };
         let mut list = Vec::new();
         for c in &config.connectors {
             let connector = Connector::new(
@@ -86,6 +90,7 @@ impl App {
                 sealer.clone(),
                 metrics.clone(),
                 bitbucket::HttpOptions::default(),
+                shared.clone(),
             )
             .map_err(|e| format!("connector {:?}: {e}", c.id))?;
             list.push(Arc::new(connector));

@@ -45,6 +45,9 @@ pub struct HttpOptions {
     pub max_retry_after: Duration,
     /// Requests open at once through this client; more wait for a slot.
     pub max_in_flight: usize,
+    /// A resource's breaker after a 429 without Retry-After: open this long,
+    /// doubled for each 429 in a row (at most 16 times).
+    pub rate_limit_backoff: Duration,
 }
 
 impl Default for HttpOptions {
@@ -56,6 +59,7 @@ impl Default for HttpOptions {
             max_body_bytes: 4 * 1024 * 1024,
             max_retry_after: Duration::from_secs(10),
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            rate_limit_backoff: Duration::from_secs(60),
         }
     }
 }
@@ -72,6 +76,62 @@ pub struct Http {
     metrics: Metrics,
     opts: HttpOptions,
     slots: tokio::sync::Semaphore,
+    breakers: Breakers,
+}
+
+/// Bitbucket counts its rate limit per OAuth consumer and resource: after a
+/// 429, no request to that resource (endpoint template) goes out until the
+/// advised or backed-off time, whichever login asks.
+#[derive(Default)]
+struct Breakers(std::sync::Mutex<std::collections::HashMap<&'static str, Breaker>>);
+
+struct Breaker {
+    until: Instant,
+    trips: u32,
+}
+
+impl Breakers {
+    /// How long the endpoint's breaker stays open, if it is.
+    fn open_for(&self, endpoint: &'static str) -> Option<Duration> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let left = map
+            .get(endpoint)?
+            .until
+            .saturating_duration_since(Instant::now());
+        (!left.is_zero()).then_some(left)
+    }
+
+    /// Opens the breaker after a 429; returns how long it stays open.
+    fn trip(
+        &self,
+        endpoint: &'static str,
+        advised: Option<Duration>,
+        backoff: Duration,
+    ) -> Duration {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let b = map.entry(endpoint).or_insert(Breaker {
+            until: Instant::now(),
+            trips: 0,
+        });
+        // 429s of requests already in flight when the breaker opened are
+        // one trip, not several: only a 429 on a closed breaker escalates.
+        if b.until <= Instant::now() {
+            b.trips = b.trips.saturating_add(1);
+        }
+        let wait = advised
+            .unwrap_or_else(|| backoff.saturating_mul(1 << (b.trips.max(1) - 1).min(4)))
+            .max(Duration::from_millis(1));
+        b.until = b.until.max(Instant::now() + wait);
+        b.until.saturating_duration_since(Instant::now())
+    }
+
+    /// Any other answer closes it and forgets the 429s in a row.
+    fn reset(&self, endpoint: &'static str) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.get(endpoint).is_some_and(|b| b.until <= Instant::now()) {
+            map.remove(endpoint);
+        }
+    }
 }
 
 enum Attempt {
@@ -103,6 +163,7 @@ impl Http {
             client,
             metrics,
             slots: tokio::sync::Semaphore::new(slots),
+            breakers: Breakers::default(),
             opts,
         })
     }
@@ -122,18 +183,22 @@ impl Http {
     ) -> Result<Response, UpstreamError> {
         let mut attempt = 1;
         loop {
+            self.closed(endpoint)?;
             let req = self.request(Method::GET, url, auth);
             let (err, retry_after) = match self.attempt(endpoint, req, deadline).await {
                 Attempt::Done(r) => return Ok(r),
                 Attempt::Fail(e) => return Err(e),
                 Attempt::Retry(e, ra) => (e, ra),
             };
+            let limited = matches!(err, UpstreamError::RateLimited { .. });
             if attempt >= self.opts.max_attempts {
                 return Err(err);
             }
             let wait = match retry_after {
+                // A 429 is waited out only when the breaker reopens soon enough.
                 Some(ra) if ra > self.opts.max_retry_after => return Err(err),
                 Some(ra) => ra,
+                None if limited => return Err(err),
                 None => self.backoff(attempt),
             };
             if Instant::now() + wait >= deadline {
@@ -153,6 +218,7 @@ impl Http {
         req: reqwest::RequestBuilder,
         deadline: Instant,
     ) -> Result<Response, UpstreamError> {
+        self.closed(endpoint)?;
         let Some(retry) = req.try_clone() else {
             return self.attempt_result(endpoint, req, deadline).await;
         };
@@ -168,6 +234,7 @@ impl Http {
                 self.metrics.retry(endpoint);
                 self.attempt_result(endpoint, retry, deadline).await
             }
+            Attempt::Retry(e @ UpstreamError::RateLimited { .. }, _) => Err(e),
             Attempt::Retry(UpstreamError::Status { status, .. }, _) => {
                 // Answered: not retried, but still an outage to the caller.
                 Err(UpstreamError::Unavailable {
@@ -188,6 +255,20 @@ impl Http {
         match self.attempt(endpoint, req, deadline).await {
             Attempt::Done(r) => Ok(r),
             Attempt::Fail(e) | Attempt::Retry(e, _) => Err(e),
+        }
+    }
+
+    /// Refuses, without sending, a request to a resource whose breaker is open.
+    fn closed(&self, endpoint: &'static str) -> Result<(), UpstreamError> {
+        match self.breakers.open_for(endpoint) {
+            None => Ok(()),
+            Some(left) => {
+                self.metrics.rate_limited(endpoint);
+                Err(UpstreamError::RateLimited {
+                    endpoint,
+                    retry_after: left,
+                })
+            }
         }
     }
 
@@ -273,7 +354,29 @@ impl Http {
                 self.metrics
                     .upstream(endpoint, UpstreamStatus::Http(status.as_u16()), secs);
                 match status.as_u16() {
-                    429 | 502 | 503 | 504 => {
+                    429 => {
+                        self.metrics.rate_limited(endpoint);
+                        let open = self.breakers.trip(
+                            endpoint,
+                            retry_after(&resp.headers),
+                            self.opts.rate_limit_backoff,
+                        );
+                        let advised = retry_after(&resp.headers).map(|_| open);
+                        tracing::warn!(
+                            endpoint,
+                            retry_after_seconds = open.as_secs_f64().ceil() as u64,
+                            "Bitbucket rate limit (429): no requests to this resource until the breaker closes"
+                        );
+                        Attempt::Retry(
+                            UpstreamError::RateLimited {
+                                endpoint,
+                                retry_after: open,
+                            },
+                            advised,
+                        )
+                    }
+                    502..=504 => {
+                        self.breakers.reset(endpoint);
                         let ra = retry_after(&resp.headers);
                         Attempt::Retry(
                             UpstreamError::Status {
@@ -283,7 +386,10 @@ impl Http {
                             ra,
                         )
                     }
-                    _ => Attempt::Done(resp),
+                    _ => {
+                        self.breakers.reset(endpoint);
+                        Attempt::Done(resp)
+                    }
                 }
             }
         }
@@ -365,6 +471,41 @@ mod tests {
             "Wed, 21 Oct 2015 07:28:00 GMT".parse().unwrap(),
         );
         assert_eq!(retry_after(&h), None);
+    }
+
+    #[test]
+    fn breaker_backs_off_per_trip_not_per_concurrent_429() {
+        let b = Breakers::default();
+        let backoff = Duration::from_secs(10);
+        assert_eq!(b.open_for("/x"), None);
+        let first = b.trip("/x", None, backoff);
+        assert!(
+            first > Duration::from_secs(9) && first <= backoff,
+            "{first:?}"
+        );
+        // Another 429 of the same burst: the same level.
+        let again = b.trip("/x", None, backoff);
+        assert!(again <= backoff, "{again:?}");
+        assert!(b.open_for("/y").is_none(), "per resource");
+        assert!(b.open_for("/x").is_some());
+        // Retry-After wins, and the breaker stays open at least as long.
+        assert!(b.trip("/z", Some(Duration::from_secs(3)), backoff) <= Duration::from_secs(3));
+        // Once it has closed, the next 429 doubles the wait.
+        b.0.lock().unwrap().get_mut("/x").unwrap().until = Instant::now();
+        let second = b.trip("/x", None, backoff);
+        assert!(
+            second > Duration::from_secs(19) && second <= 2 * backoff,
+            "{second:?}"
+        );
+        for _ in 0..10 {
+            b.0.lock().unwrap().get_mut("/x").unwrap().until = Instant::now();
+            b.trip("/x", None, backoff);
+        }
+        assert!(b.open_for("/x").unwrap() <= 16 * backoff);
+        // A success after it closed forgets the trips.
+        b.0.lock().unwrap().get_mut("/x").unwrap().until = Instant::now();
+        b.reset("/x");
+        assert!(b.trip("/x", None, backoff) <= backoff);
     }
 
     #[test]

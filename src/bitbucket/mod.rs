@@ -33,6 +33,10 @@ pub const EP_EMAILS: &str = "/2.0/user/emails";
 pub const EP_WORKSPACES: &str = "/2.0/user/workspaces";
 pub const EP_PERMISSION: &str = "/2.0/user/workspaces/{workspace}/permission";
 pub const EP_GROUPS: &str = "/1.0/groups/{workspace}";
+/// `?group=ws/slug&group=…`: the listed groups the caller may see.
+pub const EP_GROUP_FILTER: &str = "/1.0/groups";
+/// `group=` filters sent in one request at the most (keeps URLs short).
+pub const MAX_GROUP_FILTERS: usize = 50;
 
 /// Why a request to Bitbucket did not give a usable answer. Messages name the
 /// endpoint template, never a URL, a token or a body.
@@ -67,6 +71,12 @@ pub enum UpstreamError {
         endpoint: &'static str,
         detail: String,
     },
+    /// Bitbucket answered 429, or this resource's breaker is open.
+    #[error("{endpoint}: rate limited by Bitbucket; retry in {}s", retry_after_seconds(*retry_after))]
+    RateLimited {
+        endpoint: &'static str,
+        retry_after: Duration,
+    },
     #[error("{endpoint}: HTTP 401 (token not accepted)")]
     Unauthorized { endpoint: &'static str },
     /// 403, 404 or 410.
@@ -78,6 +88,11 @@ pub enum UpstreamError {
         error: String,
         description: Option<String>,
     },
+}
+
+/// Whole seconds, rounded up, at least 1: what `retry_after_seconds` says.
+pub fn retry_after_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
 }
 
 /// Tokens from the token endpoint.
@@ -262,6 +277,34 @@ impl Client {
         let url = join(&self.legacy, &["groups", slug]);
         let resp = self.http.get(EP_GROUPS, &url, auth, deadline).await?;
         decode(EP_GROUPS, &ok(EP_GROUPS, resp)?)
+    }
+
+    /// API 1.0 "GET a list of matching groups": every group matching one of
+    /// the `group={workspace}/{group_slug}` filters that the caller may see
+    /// (a shared workspace's group: only its members; 200 with none else).
+    pub async fn group_filter(
+        &self,
+        token: &Secret,
+        filters: &[(&str, &str)],
+        deadline: Instant,
+    ) -> Result<Vec<ApiGroup>, UpstreamError> {
+        let mut url = join(&self.legacy, &["groups"]);
+        {
+            let mut q = url.query_pairs_mut();
+            for (ws, group) in filters {
+                q.append_pair("group", &format!("{ws}/{group}"));
+            }
+        }
+        let resp = self
+            .http
+            .get(EP_GROUP_FILTER, &url, Auth::Bearer(token), deadline)
+            .await?;
+        let body = ok(EP_GROUP_FILTER, resp)?;
+        // "200 with an empty answer" may be an empty body as well as `[]`.
+        if body.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        decode(EP_GROUP_FILTER, &body)
     }
 
     async fn paginate<T: DeserializeOwned>(

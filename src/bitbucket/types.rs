@@ -1,7 +1,7 @@
 //! Bitbucket's JSON, as read. Lenient where Bitbucket is known to vary
 //! (`values: null`, `Values`), strict where the identity depends on it.
 
-use serde::{Deserialize, Deserializer};
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// `GET /2.0/user` (the `user` schema; only what an identity needs).
 #[derive(Debug, Clone, Deserialize)]
@@ -46,15 +46,29 @@ pub struct ApiWorkspacePermission {
     pub permission: String,
 }
 
-/// One group of `GET /1.0/groups/{workspace}` (a JSON array).
-#[derive(Debug, Clone, Deserialize)]
+/// One group of `GET /1.0/groups/{workspace}` or `GET /1.0/groups?group=…`
+/// (a JSON array).
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ApiGroup {
     pub slug: String,
     #[serde(default, deserialize_with = "null_as_empty")]
     pub members: Vec<ApiGroupMember>,
+    /// The workspace (team account) that owns the group.
+    #[serde(default)]
+    pub owner: Option<ApiGroupOwner>,
 }
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ApiGroupOwner {
+    #[serde(default)]
+    pub uuid: Option<String>,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub nickname: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct ApiGroupMember {
     #[serde(default)]
     pub uuid: Option<String>,

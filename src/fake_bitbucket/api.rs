@@ -409,7 +409,16 @@ pub(super) async fn legacy_groups(
             "You must be an administrator of this workspace to list its groups.",
         );
     }
-    let base = &shared.base_url;
+    let groups: Vec<Value> = ws
+        .groups
+        .iter()
+        .map(|g| group_json(&shared.base_url, &st, ws, g))
+        .collect();
+    json_response(StatusCode::OK, &Value::Array(groups))
+}
+
+/// A group as API 1.0 writes it, members and owner included.
+fn group_json(base: &str, st: &ServerState, ws: &Workspace, g: &Group) -> Value {
     let owner = json!({
         "username": ws.slug,
         "display_name": ws.name,
@@ -418,37 +427,83 @@ pub(super) async fn legacy_groups(
         "avatar": format!("{base}/workspaces/{}/avatar/", ws.slug),
         "resource_uri": format!("/1.0/users/{}", ws.slug),
     });
-    let groups: Vec<Value> = ws
-        .groups
+    let members: Vec<Value> = g
+        .members
         .iter()
-        .map(|g| {
-            let members: Vec<Value> = g
-                .members
-                .iter()
-                .filter_map(|uuid| st.user(uuid))
-                .map(|u| {
-                    json!({
-                        "username": u.username,
-                        "nickname": u.nickname,
-                        "display_name": u.display_name,
-                        "uuid": u.uuid,
-                        "account_id": u.account_id,
-                        "is_team": false,
-                        "avatar": format!("{base}/account/{}/avatar/", path_segment(&u.uuid)),
-                        "resource_uri": format!("/1.0/users/{}", path_segment(&u.uuid)),
-                    })
-                })
-                .collect();
+        .filter_map(|uuid| st.user(uuid))
+        .map(|u| {
             json!({
-                "name": g.name,
-                "slug": g.slug,
-                "permission": "read",
-                "auto_add": false,
-                "email_forwarding_disabled": false,
-                "owner": owner,
-                "members": members,
+                "username": u.username,
+                "nickname": u.nickname,
+                "display_name": u.display_name,
+                "uuid": u.uuid,
+                "account_id": u.account_id,
+                "is_team": false,
+                "avatar": format!("{base}/account/{}/avatar/", path_segment(&u.uuid)),
+                "resource_uri": format!("/1.0/users/{}", path_segment(&u.uuid)),
             })
         })
         .collect();
-    json_response(StatusCode::OK, &Value::Array(groups))
+    json!({
+        "name": g.name,
+        "slug": g.slug,
+        "permission": "read",
+        "auto_add": false,
+        "email_forwarding_disabled": false,
+        "owner": owner,
+        "members": members,
+    })
+}
+
+/// `GET /1.0/groups?group={workspace}/{group_slug}&…`: every listed group the
+/// caller may see. A user sees a (shared) workspace's group only when a member
+/// of it; an admin credential sees the groups of its workspaces. Unknown
+/// workspaces, groups and malformed filters give nothing, as does a group
+/// the caller may not see: always 200 with a list, possibly empty.
+pub(super) async fn legacy_group_filter(AxState(shared): St, req: Request) -> Response {
+    if let Err(resp) = begin(&shared, Endpoint::GroupFilter, &req).await {
+        return resp;
+    }
+    let st = shared.lock();
+    let caller = if let Some((user, pass)) = basic_credentials(req.headers()) {
+        match st
+            .fixture
+            .admins
+            .iter()
+            .find(|a| a.username == user && a.password == pass)
+        {
+            Some(a) => Caller::Admin(a.workspaces.clone()),
+            None => return api_error(StatusCode::UNAUTHORIZED, "Invalid credentials"),
+        }
+    } else {
+        match bearer_user(&st, req.headers()) {
+            Ok(uuid) => Caller::User(uuid),
+            Err(e) => return e.into_response(),
+        }
+    };
+    let query = req.uri().query().unwrap_or_default();
+    let mut out = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for (k, v) in url::form_urlencoded::parse(query.as_bytes()) {
+        if k != "group" {
+            continue;
+        }
+        let Some((ws_slug, group_slug)) = v.split_once('/') else {
+            continue;
+        };
+        let Some(ws) = st.workspace(ws_slug) else {
+            continue;
+        };
+        let Some(g) = ws.groups.iter().find(|g| g.slug == group_slug) else {
+            continue;
+        };
+        let visible = match &caller {
+            Caller::Admin(slugs) => slugs.iter().any(|s| *s == ws.slug || *s == ws.uuid),
+            Caller::User(uuid) => g.members.iter().any(|m| m == uuid),
+        };
+        if visible && seen.insert((ws.slug.clone(), g.slug.clone())) {
+            out.push(group_json(&shared.base_url, &st, ws, g));
+        }
+    }
+    json_response(StatusCode::OK, &Value::Array(out))
 }

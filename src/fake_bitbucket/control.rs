@@ -6,7 +6,7 @@
 //! the total), not delayed by `delay_ms`, and never faulted.
 //!
 //! - `GET /_fake/hits`: `{"authorize":n,"token":n,"user":n,"emails":n,
-//!   "workspaces":n,"permission":n,"groups":n,"total":n}`;
+//!   "workspaces":n,"permission":n,"groups":n,"group_filter":n,"total":n}`;
 //! - `POST /_fake/hits/reset`: zeroes them (and the `access_token` query count);
 //! - `GET /_fake/settings`, `POST /_fake/settings` with any subset of
 //!   `{"delay_ms":u64,"access_token_ttl_secs":u64,"refresh_grace_secs":u64}`:
@@ -42,6 +42,7 @@ const HIT_NAMES: [(&str, Endpoint); Endpoint::COUNT] = [
     ("workspaces", Endpoint::Workspaces),
     ("permission", Endpoint::Permission),
     ("groups", Endpoint::Groups),
+    ("group_filter", Endpoint::GroupFilter),
 ];
 
 pub(super) fn routes() -> Router<Arc<Shared>> {

@@ -3,7 +3,8 @@
 //! response helpers.
 
 use super::api::{
-    api_emails, api_permission, api_user, api_workspaces, gone, legacy_groups, not_found,
+    api_emails, api_permission, api_user, api_workspaces, gone, legacy_group_filter, legacy_groups,
+    not_found,
 };
 use super::oauth::{authorize, token};
 use super::*;
@@ -154,6 +155,7 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
         )
         .route("/2.0/workspaces", get(gone))
         .route("/2.0/user/permissions/workspaces", get(gone))
+        .route("/1.0/groups", get(legacy_group_filter))
         .route("/1.0/groups/{workspace}", get(legacy_groups))
         .merge(super::control::routes())
         .fallback(not_found)

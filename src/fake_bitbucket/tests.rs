@@ -1212,3 +1212,39 @@ fn schemas_file_is_up_to_date() {
         schema::SCHEMAS_FILE
     );
 }
+
+#[tokio::test]
+async fn group_filter_answers_members_only_and_200_empty_otherwise() {
+    let (fake, http) = start().await;
+    let bob = access_token(&fake, &http, "bob").await;
+    let url = format!(
+        "{}/groups?group=wonderland/developers&group=wonderland/administrators&group=wonderland/release-managers&group=nowhere/x&group=junk",
+        fake.legacy_api_url()
+    );
+    let (status, body) = get_json(&http, &url, Some(&bob)).await;
+    assert_eq!(status, S::OK, "{body}");
+    let slugs: Vec<&str> = body
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|g| g["slug"].as_str().unwrap())
+        .collect();
+    // bob is in developers and release-managers, not administrators.
+    assert_eq!(slugs, ["developers", "release-managers"]);
+    assert_eq!(body[0]["owner"]["username"], "wonderland");
+    assert!(body[0]["members"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["uuid"] == BOB_UUID));
+    let url = format!(
+        "{}/groups?group=wonderland/administrators",
+        fake.legacy_api_url()
+    );
+    let (status, body) = get_json(&http, &url, Some(&bob)).await;
+    assert_eq!((status, body), (S::OK, json!([])));
+    let (status, _) = get_json(&http, &url, None).await;
+    assert_eq!(status, S::UNAUTHORIZED);
+    assert_eq!(fake.hits(Endpoint::GroupFilter), 3);
+    assert_eq!(fake.hits(Endpoint::Groups), 0);
+}

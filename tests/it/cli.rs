@@ -454,6 +454,10 @@ async fn sigterm_drains_in_flight_rpcs_then_exits_0() {
     assert_eq!(l["connector"], "bitbucket-cloud", "{l}");
     assert_eq!(l["code"], "OK", "{l}");
     assert_eq!(l["upstream_calls"], 3, "{l}");
+    assert_eq!(
+        l["upstream"], "/2.0/user:1,/2.0/user/emails:1,/site/oauth2/access_token:1",
+        "{l}"
+    );
     assert!(l["ms"].as_f64().unwrap() >= 800.0, "{l}");
 }
 

@@ -178,7 +178,7 @@ fn str_of<'a>(v: &'a Value, key: &str) -> &'a str {
 #[tokio::test]
 async fn fake_process_counts_hits_without_its_control_requests_and_resets_them() {
     let fake = spawn(&[]).await;
-    let zero = json!({"authorize":0,"token":0,"user":0,"emails":0,"workspaces":0,"permission":0,"groups":0,"total":0});
+    let zero = json!({"authorize":0,"token":0,"user":0,"emails":0,"workspaces":0,"permission":0,"groups":0,"group_filter":0,"total":0});
     assert_eq!(fake.hits().await, zero);
     let token = fake.login("alice").await;
     let access = str_of(&token, "access_token");
@@ -190,7 +190,7 @@ async fn fake_process_counts_hits_without_its_control_requests_and_resets_them()
     fake.get_json("/_fake/settings", None).await;
     let (status, _) = fake.get_json("/_fake/no-such-thing", None).await;
     assert_eq!(status, S::NOT_FOUND);
-    let expected = json!({"authorize":1,"token":1,"user":1,"emails":1,"workspaces":0,"permission":0,"groups":0,"total":4});
+    let expected = json!({"authorize":1,"token":1,"user":1,"emails":1,"workspaces":0,"permission":0,"groups":0,"group_filter":0,"total":4});
     assert_eq!(fake.hits().await, expected);
     assert_eq!(fake.hits().await, expected);
     let (status, body) = fake.post_json("/_fake/hits/reset", None).await;

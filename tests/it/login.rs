@@ -769,7 +769,9 @@ async fn widest_login(extra: Option<&str>) -> (u64, Vec<String>) {
 #[tokio::test]
 async fn upstream_requests_in_flight_are_capped_per_connector() {
     let (wide, groups) = widest_login(None).await;
-    assert!(wide >= 24, "a login's workspace calls run at once: {wide}");
+    // 14 permission calls (alice administers only wonderland) and
+    // wonderland's groups; the other groups are known unreadable, not asked.
+    assert!(wide >= 12, "a login's workspace calls run at once: {wide}");
     assert!(groups.iter().any(|g| g == "extra-11:member"), "{groups:?}");
     let (capped, capped_groups) = widest_login(Some("upstreamMaxInFlight: 3")).await;
     assert!(capped <= 3, "more than the cap at once: {capped}");
@@ -877,7 +879,7 @@ async fn a_retry_after_past_the_callers_deadline_fails_at_once() {
     let started = Instant::now();
     let err = env.client().handle_callback(req).await.unwrap_err();
     let took = started.elapsed();
-    assert_status(&err, Code::Unavailable, "UPSTREAM_UNAVAILABLE");
+    assert_status(&err, Code::Unavailable, "UPSTREAM_RATE_LIMITED");
     assert!(took < Duration::from_millis(500), "waited {took:?}");
     assert_eq!(env.fake.hits(Endpoint::User), 1);
     env.assert_serving().await;
@@ -950,7 +952,6 @@ async fn upstream_metrics_name_endpoint_templates_not_workspaces() {
     for sample in [
         "bitbucket_connector_upstream_requests_total{endpoint=\"/2.0/user/workspaces/{workspace}/permission\",status=\"200\"}",
         "bitbucket_connector_upstream_requests_total{endpoint=\"/1.0/groups/{workspace}\",status=\"200\"}",
-        "bitbucket_connector_upstream_requests_total{endpoint=\"/1.0/groups/{workspace}\",status=\"403\"}",
         "bitbucket_connector_rpc_requests_total{method=\"HandleCallback\",code=\"OK\"}",
     ] {
         assert!(metric(&m, sample).is_some_and(|v| v >= 1.0), "{sample} missing:\n{m}");

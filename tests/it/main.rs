@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod budget;
 mod cli;
 mod fake_process;
 mod foundation;
@@ -11,3 +12,4 @@ mod operate;
 mod refresh;
 mod secrets;
 mod security;
+mod shared_cache;

@@ -86,13 +86,17 @@ async fn metrics_count_rpcs_upstream_calls_retries_and_degraded_groups() {
         1.0
     );
     // alice's groups: wonderland (owner: readable with her token), looking-glass
-    // and tea-party (not an admin there: 403, degraded).
+    // and tea-party (`administrator: false`, so known unreadable: not asked,
+    // degraded).
     assert_eq!(
         get(
-            r#"bitbucket_connector_upstream_requests_total{endpoint="/1.0/groups/{workspace}",status="403"}"#
+            r#"bitbucket_connector_upstream_requests_total{endpoint="/1.0/groups/{workspace}",status="200"}"#
         ),
-        2.0
+        1.0
     );
+    assert!(!s.contains_key(
+        r#"bitbucket_connector_upstream_requests_total{endpoint="/1.0/groups/{workspace}",status="403"}"#
+    ));
     assert_eq!(
         get(r#"bitbucket_connector_team_groups_degraded_total{reason="forbidden"}"#),
         2.0

@@ -195,7 +195,11 @@ def test_metrics_parse_with_prometheus_client(demo_with_metrics, stubs):
     assert value(rpc_total, rpc_total + "_total", method="LoginURL", code="INVALID_ARGUMENT") == 1
     up = "bitbucket_connector_upstream_requests"
     assert value(up, up + "_total", endpoint="/2.0/user", status="200") == 1
-    assert value(up, up + "_total", endpoint="/2.0/user/workspaces/{workspace}/permission", status="200") == 3
+    # alice's three workspaces: wonderland's permission comes from `administrator`
+    # in /2.0/user/workspaces (she owns it); the other two are asked.
+    assert value(up, up + "_total", endpoint="/2.0/user/workspaces/{workspace}/permission", status="200") == 2
+    cache = "bitbucket_connector_cache_requests"
+    assert value(cache, cache + "_total", cache="permission", result="miss") == 2
     for fam, kind in [
         ("bitbucket_connector_rpc_duration_seconds", "histogram"),
         ("bitbucket_connector_upstream_duration_seconds", "histogram"),
