@@ -179,6 +179,7 @@ pub async fn serve(
         Listener::Tcp(_) => None,
     };
     let tls_watch = tls.clone().map(|t| tokio::spawn(t.watch()));
+    let hangup = on_hangup(tls.clone());
     let server = match listener {
         Listener::Tcp(l) => match tls {
             Some(tls) => {
@@ -253,13 +254,43 @@ pub async fn serve(
             );
         }
     }
-    for t in [telemetry, tls_watch].into_iter().flatten() {
+    for t in [telemetry, tls_watch, hangup].into_iter().flatten() {
         t.abort();
     }
     if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// SIGHUP reloads the TLS certificates when TLS is on, and never stops the
+/// process (its default action would, silently): once this handler is
+/// registered, the signal is caught for the rest of the process's life.
+fn on_hangup(tls: Option<Arc<ReloadableTls>>) -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match &tls {
+                    Some(t) => t.reload_logged("SIGHUP"),
+                    None => tracing::info!("SIGHUP received; nothing to reload without TLS"),
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tls;
+        None
+    }
 }
 
 /// `authorization: Bearer <token>` when `grpc.authTokens` is set; compared in

@@ -65,33 +65,23 @@ impl ReloadableTls {
         )
     }
 
-    /// Reloads on SIGHUP and when a file's modification time changes.
+    /// Reloads, logging the outcome; `trigger` says why.
+    pub fn reload_logged(&self, trigger: &str) {
+        match self.reload() {
+            Ok(()) => tracing::info!(trigger, "TLS certificates reloaded"),
+            Err(e) => {
+                tracing::error!(trigger, error = %e, "TLS reload failed; the previous certificates stay in use")
+            }
+        }
+    }
+
+    /// Reloads when a file's modification time changes (SIGHUP is handled
+    /// by the server, which calls `reload_logged`).
     pub async fn watch(self: Arc<Self>) {
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
-            let by_signal = async {
-                #[cfg(unix)]
-                if let Some(h) = hup.as_mut() {
-                    h.recv().await;
-                    return;
-                }
-                std::future::pending::<()>().await
-            };
-            let why = tokio::select! {
-                _ = by_signal => "SIGHUP",
-                _ = tokio::time::sleep(POLL_EVERY) => {
-                    if !self.changed() {
-                        continue;
-                    }
-                    "files changed"
-                }
-            };
-            match self.reload() {
-                Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
-                Err(e) => {
-                    tracing::error!(trigger = why, error = %e, "TLS reload failed; the previous certificates stay in use")
-                }
+            tokio::time::sleep(POLL_EVERY).await;
+            if self.changed() {
+                self.reload_logged("files changed");
             }
         }
     }

@@ -436,3 +436,105 @@ fn with_json_logs_a_startup_error_is_one_json_line() {
         "{v}"
     );
 }
+
+fn hangup(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// After SIGHUPs: still running, health SERVING, then SIGTERM exits 0; the
+/// process's stderr is returned.
+async fn survives_hangups(mut child: tokio::process::Child, channel: Channel) -> String {
+    let mut health = HealthClient::new(channel);
+    wait_serving(&mut health).await;
+    for _ in 0..3 {
+        hangup(&child);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the process"
+    );
+    wait_serving(&mut health).await;
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn sighup_never_stops_a_plaintext_service_and_is_logged() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(&fake, &addr.to_string(), ""));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
+    assert_eq!(
+        stderr.matches("SIGHUP received; nothing to reload").count(),
+        3,
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_never_stops_a_unix_socket_service() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bbc.sock");
+    let f = write_config(&config_for(&fake, &format!("unix:{}", sock.display()), ""));
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }));
+    let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
+    assert!(stderr.contains("SIGHUP received"), "{stderr}");
+}
+
+/// With TLS, SIGHUP re-reads the certificates (and still never stops it).
+#[tokio::test]
+async fn sighup_reloads_tls_certificates_without_stopping() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let tls = crate::security::TlsSetup::new();
+    let addr = free_port();
+    let lines: String = tls
+        .grpc_lines(false)
+        .iter()
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    let f = write_config(&config_for(&fake, &addr.to_string(), &lines));
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    &tls.server_ca.ca_pem,
+                ))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect_lazy();
+    let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("TLS certificates reloaded") && l.contains("SIGHUP"))
+            .count(),
+        3,
+        "{stderr}"
+    );
+}
