@@ -108,17 +108,16 @@ pub async fn serve(
 ) -> Result<(), String> {
     let cfg = &app.config.grpc;
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    let service = Service::new(
-        app.connectors.clone(),
-        app.metrics.clone(),
-        in_flight.clone(),
-        cfg.default_timeout,
-    );
+    let service = Service::new(app.connectors.clone(), cfg.default_timeout);
     let connector_server =
         ConnectorServiceServer::new(service).max_decoding_message_size(cfg.max_request_bytes);
     let tokens = Arc::new(cfg.auth_tokens.clone());
     let connector_server =
         InterceptedService::new(connector_server, move |req| check_token(&tokens, req));
+    let connector_server = tower::Layer::layer(
+        &grpc::Envelope::new(app.metrics.clone(), in_flight.clone(), cfg.default_timeout),
+        connector_server,
+    );
 
     let (health, health_server) = tonic_health::server::health_reporter();
     let serving = Arc::new(AtomicBool::new(false));

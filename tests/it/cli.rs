@@ -538,3 +538,62 @@ async fn sighup_reloads_tls_certificates_without_stopping() {
         "{stderr}"
     );
 }
+
+/// Refusals made before a handler runs leave an access line like any RPC,
+/// with their reason; caller text in a line is clipped.
+#[tokio::test]
+async fn refusals_and_long_caller_strings_in_access_lines() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(
+        &fake,
+        &addr.to_string(),
+        "  authTokens: [the-token-value]\nlogger:\n  format: json\n",
+    ));
+    let child = spawn_serve(f.path());
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(channel.clone())).await;
+    let mut c = ConnectorServiceClient::new(channel);
+    let err = c
+        .login_url(pb::LoginUrlRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::LoginUrlRequest {
+        callback_url: format!("http://evil.example/\n{}", "a".repeat(60_000)),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer the-token-value".parse().unwrap());
+    c.login_url(req).await.unwrap_err();
+
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &serde_json::Value| v["message"] == "rpc")
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    let (refused, long) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (&refused["rpc"], &refused["code"], &refused["reason"]),
+        (
+            &"LoginURL".into(),
+            &"UNAUTHENTICATED".into(),
+            &"MISSING_CREDENTIALS".into()
+        ),
+        "{refused}"
+    );
+    assert_eq!(long["reason"], "CALLBACK_URL_MISMATCH", "{long}");
+    let error = long["error"].as_str().unwrap();
+    assert!(error.len() < 600, "{} bytes", error.len());
+    assert!(!error.contains('\n'), "{error}");
+    assert!(stderr.len() < 20_000, "{} bytes of log", stderr.len());
+}

@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod foundation;
+mod hostile;
 mod login;
 mod operate;
 mod refresh;
