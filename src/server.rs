@@ -12,11 +12,11 @@ use subtle::ConstantTimeEq as _;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, ListenAddr};
+use crate::connections::{self, Accept, Limits};
 use crate::connector::{Connector, Connectors};
 use crate::grpc::{self, Service};
 use crate::metrics::Metrics;
@@ -122,12 +122,6 @@ pub async fn serve(
     let (health, health_server) = tonic_health::server::health_reporter();
     let serving = Arc::new(AtomicBool::new(false));
 
-    let builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(cfg.keepalive_interval))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Not tied to maxInFlight: a client would queue streams instead of
-        // hearing RESOURCE_EXHAUSTED.
-        .max_concurrent_streams(Some(cfg.max_in_flight.clamp(256, 1 << 20) as u32));
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(ReloadableTls::load(TlsFiles {
             cert: cert.clone(),
@@ -136,12 +130,7 @@ pub async fn serve(
         })?)),
         _ => None,
     };
-    let mut router = builder
-        .layer(tower::util::MapResponseLayer::new(
-            too_large_is_resource_exhausted,
-        ))
-        .add_service(health_server)
-        .add_service(connector_server);
+    let mut routes = tonic::service::Routes::new(health_server).add_service(connector_server);
     if cfg.reflection {
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -155,7 +144,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| format!("reflection: {e}"))?;
-        router = router.add_service(v1).add_service(v1alpha);
+        routes = routes.add_service(v1).add_service(v1alpha);
     }
 
     let telemetry = match app.config.telemetry.http {
@@ -179,22 +168,21 @@ pub async fn serve(
     };
     let tls_watch = tls.clone().map(|t| tokio::spawn(t.watch()));
     let hangup = on_hangup(tls.clone());
-    let server = match listener {
-        Listener::Tcp(l) => match tls {
-            Some(tls) => {
-                let incoming = crate::tls::incoming(l, tls);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-            }
-            None => {
-                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-            }
-        },
-        Listener::Unix(l, _) => {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-        }
+    let service = tower::ServiceBuilder::new()
+        .map_response(too_large_is_resource_exhausted)
+        .service(routes.prepare());
+    let accept = match listener {
+        Listener::Tcp(l) => Accept::Tcp(l, tls),
+        Listener::Unix(l, _) => Accept::Unix(l),
     };
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        idle_timeout: cfg.connection_idle_timeout,
+        max_concurrent_streams: cfg.max_concurrent_streams,
+        keepalive_interval: cfg.keepalive_interval,
+        keepalive_timeout: Duration::from_secs(20),
+    };
+    let server = tokio::spawn(connections::serve(accept, service, limits, stop));
 
     health.set_service_status("", ServingStatus::Serving).await;
     health
@@ -215,11 +203,7 @@ pub async fn serve(
         _ = shutdown => {}
         r = &mut server => {
             serving.store(false, Ordering::SeqCst);
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("gRPC server failed: {e}")),
-                Err(e) => Err(format!("gRPC server task failed: {e}")),
-            };
+            return r.map_err(|e| format!("gRPC server task failed: {e}"));
         }
     }
 

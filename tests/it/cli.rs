@@ -597,3 +597,67 @@ async fn refusals_and_long_caller_strings_in_access_lines() {
     assert!(!error.contains('\n'), "{error}");
     assert!(stderr.len() < 20_000, "{} bytes of log", stderr.len());
 }
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_name.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors, the accept loop logs and backs off instead of
+/// spinning; open connections keep being served, and new ones are once
+/// descriptors come back.
+#[tokio::test]
+async fn running_out_of_descriptors_is_logged_and_backed_off() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(&fake, &addr.to_string(), ""));
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {BIN} serve -c {}",
+            f.path().display()
+        ))
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let mut health = HealthClient::new(channel);
+    wait_serving(&mut health).await;
+    let mut hogs = Vec::new();
+    for _ in 0..100 {
+        hogs.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().unwrap();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    // A busy accept loop burns the whole 2 s (200 ticks at 100 Hz).
+    assert!(
+        used < 60,
+        "{used} ticks of CPU in 2 s while out of descriptors"
+    );
+    wait_serving(&mut health).await;
+    drop(hogs);
+    let fresh = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(fresh)).await;
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("accept failed; backing off"), "{stderr}");
+    assert!(stderr.contains("Too many open files"), "{stderr}");
+}

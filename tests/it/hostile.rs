@@ -295,3 +295,148 @@ async fn caller_strings_are_clipped_in_messages() {
         err.message()
     );
 }
+
+/// A raw HTTP/2 connection whose end can be awaited.
+async fn h2_connect_watched(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let ended = tokio::spawn(conn);
+    (send.ready().await.unwrap(), ended)
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_not_one_with_an_rpc_in_flight() {
+    let env = Setup::default()
+        .grpc("connectionIdleTimeout: 1s")
+        .start()
+        .await;
+    // One RPC, then nothing: closed about a second later.
+    let (mut send, ended) = h2_connect_watched(env.addr).await;
+    let (resp, mut body) = send
+        .send_request(grpc_headers(env.addr, LOGIN_URL, Some("10S"), None), false)
+        .unwrap();
+    body.send_data(frame(&[]), true).unwrap();
+    assert_eq!(status_of(resp).await.code(), Code::InvalidArgument);
+    let idle_from = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(15), ended)
+        .await
+        .expect("the idle connection was not closed");
+    assert!(r.unwrap().is_ok(), "closed without a GOAWAY");
+    assert!(idle_from.elapsed() >= Duration::from_millis(900));
+
+    // A stream held for 3 s on a connection idle after 1 s: the stream ends
+    // at its own deadline, the connection is not cut under it.
+    let (mut send, _ended) = h2_connect_watched(env.addr).await;
+    let (resp, _no_body) = send
+        .send_request(grpc_headers(env.addr, LOGIN_URL, Some("3S"), None), false)
+        .unwrap();
+    assert_eq!(status_of(resp).await.code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let env = Setup::default()
+        .grpc("connectionIdleTimeout: 1s")
+        .start()
+        .await;
+    let mut silent = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never spoke HTTP/2 was held"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let env = Setup::default().grpc("maxConnections: 2").start().await;
+    // The harness's own channel holds one; one more fills the limit.
+    let (held, _held_ended) = h2_connect_watched(env.addr).await;
+    let fresh = || {
+        tonic::transport::Channel::from_shared(format!("http://{}", env.addr))
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut waiting =
+        bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh());
+    let login_url = || {
+        let mut r = tonic::Request::new(pb::LoginUrlRequest {
+            callback_url: REDIRECT.into(),
+            state: "s".into(),
+            ..Default::default()
+        });
+        r.set_timeout(Duration::from_millis(500));
+        r
+    };
+    let err = waiting.login_url(login_url()).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable
+        ),
+        "{err:?}"
+    );
+    env.assert_serving().await;
+    // Queued connections are taken in order: the one that gave up goes first.
+    drop(waiting);
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        let mut c =
+            bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh());
+        if c.login_url(login_url()).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot was not reused");
+}
+
+#[tokio::test]
+async fn a_telemetry_client_without_a_complete_request_header_is_disconnected() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = Setup {
+        telemetry: true,
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let addr = env.telemetry.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for s in [&mut slow, &mut silent] {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "held past the header timeout");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // A complete request is still answered.
+    assert!(env
+        .metrics()
+        .await
+        .contains("bitbucket_connector_rpc_in_flight"));
+}
