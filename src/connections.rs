@@ -44,6 +44,10 @@ pub struct Limits {
     pub max_concurrent_streams: u32,
     pub keepalive_interval: Duration,
     pub keepalive_timeout: Duration,
+    /// HTTP/2 flow-control window of a stream; the connection's is twice it.
+    /// What a client can make us buffer before we read: hyper's default 1 MiB
+    /// per connection would be 1 GiB over 1,024 connections.
+    pub stream_window: u32,
 }
 
 /// What connections are accepted from.
@@ -89,6 +93,8 @@ pub async fn serve<S: GrpcService>(
     http2
         .timer(TokioTimer::new())
         .max_concurrent_streams(limits.max_concurrent_streams)
+        .initial_stream_window_size(limits.stream_window)
+        .initial_connection_window_size(limits.stream_window.saturating_mul(2))
         .keep_alive_interval(limits.keepalive_interval)
         .keep_alive_timeout(limits.keepalive_timeout)
         // h2's defaults, stated: streams reset by the client before we saw

@@ -181,6 +181,9 @@ pub async fn serve(
         max_concurrent_streams: cfg.max_concurrent_streams,
         keepalive_interval: cfg.keepalive_interval,
         keepalive_timeout: Duration::from_secs(20),
+        // One message at the size cap (with its 5-byte prefix) per stream;
+        // never under HTTP/2's default 65,535.
+        stream_window: (cfg.max_request_bytes.saturating_add(5)).clamp(65_535, 1 << 30) as u32,
     };
     let server = tokio::spawn(connections::serve(accept, service, limits, stop));
 
