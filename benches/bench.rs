@@ -10,7 +10,9 @@
 //! budget (the default set, in this order), faults (opt-in; `--fault-scale 0`
 //! runs the same load without faults, for comparison), org and org-day
 //! (opt-in: an organisation's working day of logins and refreshes with
-//! permissionCacheTTL 10m or 8h, ~5 min each; needs redis-server). The binary is
+//! permissionCacheTTL 10m or 8h, ~5 min each; needs redis-server) and attacks
+//! (opt-in: held streams, idle connections, descriptor exhaustion, big
+//! upstream bodies, each against a fresh process). The binary is
 //! `$BITBUCKET_CONNECTOR_BIN`, else `target/release/bitbucket-connector`.
 //! Figures are printed as Markdown tables; nothing here asserts a timing.
 
@@ -120,6 +122,7 @@ fn main() {
                 "budget" => budget::calls().await,
                 "org" => budget::organisation(Duration::from_secs(600)).await,
                 "org-day" => budget::organisation(Duration::from_secs(8 * 3600)).await,
+                "attacks" => attacks().await,
                 other => Err(format!("unknown scenario {other}").into()),
             };
             if let Err(e) = r {
@@ -1449,4 +1452,341 @@ async fn profile() -> Res<()> {
         println!("\ncallgrind output kept at {}", k.display());
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 7. attacks (opt-in): what a hostile or broken caller costs
+
+/// What one attack did to the process.
+struct AttackRow {
+    attack: String,
+    before_kb: u64,
+    peak_kb: u64,
+    after_kb: u64,
+    cpu_pct: f64,
+    /// Health/Check latency on a connection opened before the attack.
+    health_open: String,
+    /// Health/Check on a new connection during the attack.
+    health_new: String,
+    note: String,
+}
+
+impl AttackRow {
+    fn print(&self) {
+        println!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.0} | {} | {} | {} |",
+            self.attack,
+            mb(self.before_kb),
+            mb(self.peak_kb),
+            mb(self.after_kb),
+            self.cpu_pct,
+            self.health_open,
+            self.health_new,
+            self.note
+        );
+    }
+}
+
+async fn timed_health(ch: &Channel) -> String {
+    let t = Instant::now();
+    match health(ch, Duration::from_secs(2)).await {
+        Ok(1) => format!("{:.1} ms", t.elapsed().as_secs_f64() * 1000.0),
+        Ok(s) => format!("status {s}"),
+        Err(e) => format!("{:?} after {:.1} s", e.code(), t.elapsed().as_secs_f64()),
+    }
+}
+
+async fn timed_health_new(addr: SocketAddr) -> String {
+    let t = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(2), async {
+        let ch = Channel::from_shared(format!("http://{addr}"))
+            .ok()?
+            .connect()
+            .await
+            .ok()?;
+        health(&ch, Duration::from_secs(2)).await.ok()
+    })
+    .await;
+    match r {
+        Ok(Some(1)) => format!("{:.1} ms", t.elapsed().as_secs_f64() * 1000.0),
+        _ => format!("no answer in {:.1} s", t.elapsed().as_secs_f64()),
+    }
+}
+
+/// Samples the process for `secs` while an attack holds: peak VmRSS, CPU
+/// share of one core, and health on an open and on a new connection.
+async fn observe(svc: &Svc, open: &Channel, secs: u64) -> (u64, f64, String, String) {
+    let cpu0 = proc_cpu_secs(svc.pid);
+    let t0 = Instant::now();
+    let mut peak = 0;
+    while t0.elapsed() < Duration::from_secs(secs) {
+        peak = peak.max(svc.status_kb("VmRSS"));
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let cpu = (proc_cpu_secs(svc.pid) - cpu0) / t0.elapsed().as_secs_f64() * 100.0;
+    let health_open = timed_health(open).await;
+    let health_new = timed_health_new(svc.addr).await;
+    (
+        peak.max(svc.status_kb("VmRSS")),
+        cpu,
+        health_open,
+        health_new,
+    )
+}
+
+async fn after_15s(svc: &Svc) -> u64 {
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    svc.status_kb("VmRSS")
+}
+
+async fn attacks() -> Res<()> {
+    println!(
+        "Each attack against a fresh process with the default config unless said; \
+         \"during\" is the peak VmRSS sampled every 100 ms while the attack holds, \
+         \"after\" 15 s after the attacker closed its connections; CPU is the \
+         service's share of one core during the hold; health is Health/Check on a \
+         connection opened before the attack, and on a new one (2 s limit).\n"
+    );
+    println!(
+        "| attack | VmRSS before MB | during MB | 15 s after MB | CPU % | health, open connection | health, new connection | notes |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    let fake = FakeBitbucket::start(bench_fixture()).await?;
+    attack_held_streams(&fake, 100, 1024).await?.print();
+    attack_idle_connections(&fake, 2000).await?.print();
+    attack_descriptors(&fake, 1000).await?.print();
+    attack_big_bodies(&fake, 200).await?.print();
+    Ok(())
+}
+
+/// `conns` HTTP/2 connections, each opening up to `streams` LoginURL streams
+/// that send HEADERS and never a body, held 10 s.
+async fn attack_held_streams(fake: &FakeBitbucket, conns: usize, streams: usize) -> Res<AttackRow> {
+    let svc = Svc::start(fake, &SvcOpts::default()).await?;
+    let open = svc.channel().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kb = svc.status_kb("VmRSS");
+    let opened = Arc::new(AtomicU64::new(0));
+    let mut held = tokio::task::JoinSet::new();
+    for _ in 0..conns {
+        let addr = svc.addr;
+        let opened = opened.clone();
+        held.spawn(async move {
+            let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+                return;
+            };
+            let Ok((send, conn)) = h2::client::handshake(tcp).await else {
+                return;
+            };
+            let driver = tokio::spawn(conn);
+            let mut send = send;
+            let mut keep = Vec::new();
+            for _ in 0..streams {
+                // Up to the server's SETTINGS_MAX_CONCURRENT_STREAMS.
+                match tokio::time::timeout(Duration::from_millis(200), send.clone().ready()).await {
+                    Ok(Ok(s)) => send = s,
+                    _ => break,
+                }
+                let req = http::Request::post(format!(
+                    "http://{addr}/connector.v1.ConnectorService/LoginURL"
+                ))
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .expect("request");
+                match send.send_request(req, false) {
+                    Ok(s) => {
+                        opened.fetch_add(1, Ordering::Relaxed);
+                        keep.push(s)
+                    }
+                    Err(_) => break,
+                }
+            }
+            std::future::pending::<()>().await;
+            drop((keep, driver));
+        });
+    }
+    let (peak_kb, cpu_pct, health_open, health_new) = observe(&svc, &open, 10).await;
+    let in_flight = metric(
+        &svc.metrics().await?,
+        "bitbucket_connector_rpc_in_flight",
+        &[],
+    );
+    held.abort_all();
+    while held.join_next().await.is_some() {}
+    let after_kb = after_15s(&svc).await;
+    let row = AttackRow {
+        attack: format!("held streams: {conns} connections × up to {streams} bodyless streams"),
+        before_kb,
+        peak_kb,
+        after_kb,
+        cpu_pct,
+        health_open,
+        health_new,
+        note: format!(
+            "{} streams opened; rpc_in_flight {in_flight:.0} during",
+            opened.load(Ordering::Relaxed)
+        ),
+    };
+    svc.stop().await?;
+    Ok(row)
+}
+
+/// `n` TCP connections that never send a byte; connectionIdleTimeout 20s
+/// (left out with `BENCH_ATTACKS_OLD_CONFIG=1`, for a binary without the key).
+async fn attack_idle_connections(fake: &FakeBitbucket, n: usize) -> Res<AttackRow> {
+    let old = std::env::var_os("BENCH_ATTACKS_OLD_CONFIG").is_some();
+    let grpc = if old {
+        Vec::new()
+    } else {
+        vec!["connectionIdleTimeout: 20s".into()]
+    };
+    let svc = Svc::start(
+        fake,
+        &SvcOpts {
+            grpc,
+            ..Default::default()
+        },
+    )
+    .await?;
+    let open = svc.channel().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kb = svc.status_kb("VmRSS");
+    let fds_before = open_fds(svc.pid);
+    let mut silent = Vec::new();
+    for _ in 0..n {
+        // Beyond maxConnections and the listen backlog a connect hangs.
+        let c = tokio::net::TcpStream::connect(svc.addr);
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), c).await {
+            silent.push(s);
+        }
+    }
+    let (peak_kb, cpu_pct, health_open, health_new) = observe(&svc, &open, 5).await;
+    let held = open_fds(svc.pid).saturating_sub(fds_before);
+    // When the service lets them go (it keeps `open`, which is busy with health).
+    let t = Instant::now();
+    let mut released = None;
+    while t.elapsed() < Duration::from_secs(60) {
+        if open_fds(svc.pid) <= fds_before + 2 {
+            released = Some(t.elapsed());
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let _ = health(&open, Duration::from_secs(1)).await;
+    }
+    let connected = silent.len();
+    drop(silent);
+    let after_kb = after_15s(&svc).await;
+    let row = AttackRow {
+        attack: format!("idle connections: {n} silent TCP connections (connectionIdleTimeout 20s)"),
+        before_kb,
+        peak_kb,
+        after_kb,
+        cpu_pct,
+        health_open,
+        health_new,
+        note: format!(
+            "{connected} connected, {held} held by the service 5 s in; all closed by it {}",
+            released.map_or("not within 60 s".to_string(), |d| format!(
+                "{:.0} s after the last one came",
+                d.as_secs_f64() + 5.0
+            ))
+        ),
+    };
+    svc.stop().await?;
+    Ok(row)
+}
+
+/// The service under `ulimit -n 256`, `n` connections opened at it.
+async fn attack_descriptors(fake: &FakeBitbucket, n: usize) -> Res<AttackRow> {
+    let svc = Svc::start(
+        fake,
+        &SvcOpts {
+            wrapper: vec![
+                "sh".into(),
+                "-c".into(),
+                "ulimit -n 256 && exec \"$0\" \"$@\"".into(),
+            ],
+            ..Default::default()
+        },
+    )
+    .await?;
+    let open = svc.channel().await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kb = svc.status_kb("VmRSS");
+    let mut hogs = Vec::new();
+    for _ in 0..n {
+        let c = tokio::net::TcpStream::connect(svc.addr);
+        if let Ok(Ok(s)) = tokio::time::timeout(Duration::from_millis(200), c).await {
+            hogs.push(s);
+        }
+    }
+    let (peak_kb, cpu_pct, health_open, health_new) = observe(&svc, &open, 5).await;
+    let fds = open_fds(svc.pid);
+    drop(hogs);
+    let after_kb = after_15s(&svc).await;
+    let log = svc.stderr_text();
+    let row = AttackRow {
+        attack: format!("descriptor exhaustion: ulimit -n 256, {n} connections"),
+        before_kb,
+        peak_kb,
+        after_kb,
+        cpu_pct,
+        health_open,
+        health_new: format!("{health_new}; after: {}", timed_health_new(svc.addr).await),
+        note: format!(
+            "{fds} fds open; {} accept-failure log lines",
+            log.matches("accept failed").count()
+        ),
+    };
+    svc.stop().await?;
+    Ok(row)
+}
+
+/// `n` logins at once whose `/2.0/user` answer is just under the 4 MiB body cap.
+async fn attack_big_bodies(fake: &FakeBitbucket, n: usize) -> Res<AttackRow> {
+    let svc = Svc::start(fake, &SvcOpts::default()).await?;
+    let open = svc.channel().await?;
+    let channels = svc.channels(10).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_kb = svc.status_kb("VmRSS");
+    fake.inject(
+        Endpoint::User,
+        Fault::HugeBody(4 * 1024 * 1024 - 1024),
+        None,
+    );
+    let mut tasks = tokio::task::JoinSet::new();
+    for i in 0..n {
+        let ch = channels[i % channels.len()].clone();
+        let fake = fake.clone();
+        tasks.spawn(async move { login(&ch, &fake, "bench-1", scopes(false, false), None).await });
+    }
+    let sampling = observe(&svc, &open, 3);
+    let ((peak_kb, cpu_pct, health_open, health_new), outcomes) = tokio::join!(sampling, async {
+        let mut codes = BTreeMap::<String, u64>::new();
+        while let Some(r) = tasks.join_next().await {
+            let k = match r {
+                Ok(Ok(_)) => "OK".to_string(),
+                Ok(Err(e)) => format!("{:?}", e.code()),
+                Err(_) => "panic".to_string(),
+            };
+            *codes.entry(k).or_default() += 1;
+        }
+        codes
+    });
+    fake.clear_faults();
+    drop(channels);
+    let after_kb = after_15s(&svc).await;
+    let row = AttackRow {
+        attack: format!("big upstream bodies: {n} logins at once, /2.0/user 4 MiB − 1 KiB"),
+        before_kb,
+        peak_kb,
+        after_kb,
+        cpu_pct,
+        health_open,
+        health_new,
+        note: format!("outcomes {outcomes:?}"),
+    };
+    svc.stop().await?;
+    Ok(row)
 }

@@ -73,6 +73,12 @@ pub struct GrpcConfig {
     pub default_timeout: Duration,
     /// HTTP/2 keepalive ping interval.
     pub keepalive_interval: Duration,
+    /// Connections held at once on the gRPC port; beyond it new ones wait.
+    pub max_connections: usize,
+    /// A connection with no RPC in flight for this long is closed (GOAWAY).
+    pub connection_idle_timeout: Duration,
+    /// HTTP/2 streams per connection.
+    pub max_concurrent_streams: u32,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -596,6 +602,9 @@ impl Walker<'_> {
                     "maxInFlight",
                     "defaultTimeout",
                     "keepaliveInterval",
+                    "maxConnections",
+                    "connectionIdleTimeout",
+                    "maxConcurrentStreams",
                 ],
             )
             .cloned()
@@ -677,6 +686,20 @@ impl Walker<'_> {
                 m.get("keepaliveInterval"),
                 Duration::from_secs(60),
             ),
+            max_connections: self.usize("grpc.maxConnections", m.get("maxConnections"), 1024, 1),
+            connection_idle_timeout: self.duration(
+                "grpc.connectionIdleTimeout",
+                m.get("connectionIdleTimeout"),
+                Duration::from_secs(5 * 60),
+            ),
+            max_concurrent_streams: self
+                .usize(
+                    "grpc.maxConcurrentStreams",
+                    m.get("maxConcurrentStreams"),
+                    100,
+                    1,
+                )
+                .min(u32::MAX as usize) as u32,
         }
     }
 
@@ -1223,6 +1246,39 @@ connectors:
             "connectors[0].config.rateLimitBackoff",
         ] {
             assert!(e.iter().any(|m| m.starts_with(path)), "{path} in {e:?}");
+        }
+    }
+
+    #[test]
+    fn connection_limits_default_and_must_be_positive() {
+        let c = Config::parse(GOOD, &env).unwrap();
+        assert_eq!(c.grpc.max_connections, 1024);
+        assert_eq!(c.grpc.connection_idle_timeout, Duration::from_secs(300));
+        assert_eq!(c.grpc.max_concurrent_streams, 100);
+        let with = |lines: &str| GOOD.replacen("grpc:\n", &format!("grpc:\n{lines}"), 1);
+        let c = Config::parse(
+            &with("  maxConnections: 7\n  connectionIdleTimeout: 90s\n  maxConcurrentStreams: 3\n"),
+            &env,
+        )
+        .unwrap();
+        assert_eq!(c.grpc.max_connections, 7);
+        assert_eq!(c.grpc.connection_idle_timeout, Duration::from_secs(90));
+        assert_eq!(c.grpc.max_concurrent_streams, 3);
+        let errs = Config::parse(
+            &with(
+                "  maxConnections: 0\n  connectionIdleTimeout: soon\n  maxConcurrentStreams: 0\n",
+            ),
+            &env,
+        )
+        .unwrap_err()
+        .0;
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        for (e, key) in errs.iter().zip([
+            "grpc.maxConnections: ",
+            "grpc.connectionIdleTimeout: ",
+            "grpc.maxConcurrentStreams: ",
+        ]) {
+            assert!(e.starts_with(key), "{errs:?}");
         }
     }
 

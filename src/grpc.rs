@@ -15,6 +15,7 @@ use tonic_types::{ErrorDetails, StatusExt as _};
 use crate::connector::{self, Connector, Connectors, Error, Scopes};
 use crate::metrics::{MethodLabels, Metrics, RpcLabels, UpstreamTally, UPSTREAM_CALLS};
 use crate::pb;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// The ErrorInfo domain of every error this service returns.
 pub const ERROR_DOMAIN: &str = "bitbucket-connector";
@@ -23,103 +24,267 @@ pub const ERROR_DOMAIN: &str = "bitbucket-connector";
 /// DEADLINE_EXCEEDED answer wins over the transport's cancellation.
 const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 
-/// `connector.v1.ConnectorService`.
+/// `connector.v1.ConnectorService`: the handlers. Admission, the deadline,
+/// metrics and the log line are the [`Envelope`]'s, around it.
 #[derive(Clone)]
 pub struct Service {
     connectors: Arc<Connectors>,
-    metrics: Metrics,
-    in_flight: Arc<Semaphore>,
     default_timeout: Duration,
 }
 
 impl Service {
-    pub fn new(
-        connectors: Arc<Connectors>,
-        metrics: Metrics,
-        in_flight: Arc<Semaphore>,
-        default_timeout: Duration,
-    ) -> Self {
+    pub fn new(connectors: Arc<Connectors>, default_timeout: Duration) -> Self {
         Service {
             connectors,
-            metrics,
-            in_flight,
             default_timeout,
         }
     }
 
-    /// Runs one RPC: admission, deadline, metrics, the log line, error mapping.
+    /// Runs one handler: connector selection, upstream-call counting, error mapping.
     async fn rpc<T, Fut>(
         &self,
-        method: &'static str,
-        meta: &tonic::metadata::MetadataMap,
+        extensions: &tonic::Extensions,
         connector_id: &str,
         f: impl FnOnce(Arc<Connector>, Instant) -> Fut,
     ) -> Result<Response<T>, Status>
     where
         Fut: Future<Output = Result<T, Error>>,
     {
-        let deadline = Instant::now() + timeout(meta, self.default_timeout);
-        let mut record = Record {
-            _in_flight: InFlight::new(&self.metrics),
-            service: self,
-            method,
-            connector: connector_id_for_logs(connector_id),
-            request_id: request_id(meta),
-            started: std::time::Instant::now(),
-            deadline,
-            upstream_calls: Arc::default(),
-            done: false,
-        };
-        let result = match self.in_flight.try_acquire() {
-            Err(_) => Err(status(
-                Code::ResourceExhausted,
-                "too many requests in flight; retry with backoff".into(),
-                "TOO_MANY_REQUESTS",
-            )),
-            Ok(_permit) => match self.connectors.select(connector_id) {
-                Err(e) => Err(into_status(&e)),
-                Ok(c) => {
-                    record.connector = connector_id_for_logs(c.id());
-                    UPSTREAM_CALLS
-                        .scope(record.upstream_calls.clone(), f(c.clone(), deadline))
-                        .await
-                        .map_err(|e| into_status(&e))
-                }
-            },
-        };
-        match &result {
-            Ok(_) => record.finish(Code::Ok, None, None),
-            Err(s) => {
-                let info = s.get_details_error_info();
-                record.finish(
-                    s.code(),
-                    Some(s.message()),
-                    info.as_ref().map(|i| i.reason.as_str()),
-                )
-            }
-        }
-        result.map(Response::new)
+        // Outside an envelope (never in the server), a call of our own.
+        let call = extensions
+            .get::<Call>()
+            .cloned()
+            .unwrap_or_else(|| Call::new(Instant::now() + self.default_timeout));
+        call.0.handled.store(true, Ordering::Relaxed);
+        call.set_connector(connector_id);
+        let c = self
+            .connectors
+            .select(connector_id)
+            .map_err(|e| into_status(&e))?;
+        call.set_connector(c.id());
+        UPSTREAM_CALLS
+            .scope(call.0.upstream_calls.clone(), f(c.clone(), call.0.deadline))
+            .await
+            .map(Response::new)
+            .map_err(|e| into_status(&e))
     }
 }
 
-/// One RPC's metrics and log line. Dropped unfinished (the caller went away,
-/// or the transport's deadline fired first), it still records the RPC.
-struct Record<'a> {
-    _in_flight: InFlight<'a>,
-    service: &'a Service,
+/// What the envelope knows of one RPC, handed to its handler in the request's
+/// extensions.
+#[derive(Clone)]
+struct Call(Arc<CallState>);
+
+struct CallState {
+    deadline: Instant,
+    /// Set when the handler starts: a status without it is a refusal made
+    /// before (credentials, decoding, size).
+    handled: AtomicBool,
+    connector: std::sync::Mutex<String>,
+    upstream_calls: Arc<UpstreamTally>,
+}
+
+impl Call {
+    fn new(deadline: Instant) -> Call {
+        Call(Arc::new(CallState {
+            deadline,
+            handled: AtomicBool::new(false),
+            connector: std::sync::Mutex::new("-".into()),
+            upstream_calls: Arc::default(),
+        }))
+    }
+
+    fn set_connector(&self, id: &str) {
+        *self.0.connector.lock().unwrap_or_else(|e| e.into_inner()) = connector_id_for_logs(id);
+    }
+}
+
+/// The per-RPC envelope of `ConnectorService`, a tower layer outside tonic's
+/// codec: an RPC counts against `grpc.maxInFlight` and its deadline from its
+/// HEADERS frame, whether or not a body ever comes, and every outcome
+/// (refusals before the handler included) gets an ErrorInfo, a metrics
+/// sample and one log line.
+#[derive(Clone)]
+pub struct Envelope {
+    metrics: Metrics,
+    in_flight: Arc<Semaphore>,
+    default_timeout: Duration,
+}
+
+impl Envelope {
+    pub fn new(metrics: Metrics, in_flight: Arc<Semaphore>, default_timeout: Duration) -> Self {
+        Envelope {
+            metrics,
+            in_flight,
+            default_timeout,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for Envelope {
+    type Service = Enveloped<S>;
+    fn layer(&self, inner: S) -> Enveloped<S> {
+        Enveloped {
+            inner,
+            envelope: self.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Enveloped<S> {
+    inner: S,
+    envelope: Envelope,
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Enveloped<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+/// Our DEADLINE_EXCEEDED comes this long after the handler's own deadline,
+/// so that a handler's more specific answer wins when both are due.
+const ENVELOPE_SLACK: Duration = Duration::from_millis(20);
+
+impl<S, B> tower::Service<http::Request<tonic::body::Body>> for Enveloped<S>
+where
+    S: tower::Service<
+            http::Request<tonic::body::Body>,
+            Response = http::Response<B>,
+            Error = std::convert::Infallible,
+        > + Clone
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<
+        Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send + 'static>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        // tonic's generated servers are always ready.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, mut req: http::Request<tonic::body::Body>) -> Self::Future {
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let envelope = self.envelope.clone();
+        let started = std::time::Instant::now();
+        let deadline = Instant::now() + timeout(req.headers(), envelope.default_timeout);
+        let call = Call::new(deadline);
+        req.extensions_mut().insert(call.clone());
+        let record = Record {
+            _in_flight: InFlight::new(&envelope.metrics),
+            metrics: envelope.metrics.clone(),
+            method: method_of(req.uri().path()),
+            call: call.clone(),
+            request_id: request_id(req.headers()),
+            started,
+            done: false,
+        };
+        let permit = envelope.in_flight.clone().try_acquire_owned();
+        Box::pin(async move {
+            let mut record = record;
+            let Ok(_permit) = permit else {
+                return Ok(record.answer(status(
+                    Code::ResourceExhausted,
+                    "too many requests in flight; retry with backoff".into(),
+                    "TOO_MANY_REQUESTS",
+                )));
+            };
+            let resp =
+                match tokio::time::timeout_at(deadline + ENVELOPE_SLACK, inner.call(req)).await {
+                    Ok(Ok(resp)) => resp,
+                    Ok(Err(never)) => match never {},
+                    Err(_) => return Ok(record.answer(status(
+                        Code::DeadlineExceeded,
+                        "deadline exceeded (the request was not complete by the caller's deadline)"
+                            .into(),
+                        "DEADLINE_EXCEEDED",
+                    ))),
+                };
+            // Errors are trailers-only responses: the status is in the headers.
+            match Status::from_header_map(resp.headers()) {
+                Some(s) if s.code() != Code::Ok => {
+                    let info = s.get_details_error_info();
+                    match info {
+                        None if !call.0.handled.load(Ordering::Relaxed) => {
+                            Ok(record.answer(refusal(s)))
+                        }
+                        info => {
+                            let reason = info.map(|i| i.reason);
+                            record.finish(s.code(), Some(s.message()), reason.as_deref());
+                            Ok(resp.map(tonic::body::Body::new))
+                        }
+                    }
+                }
+                _ => {
+                    record.finish(Code::Ok, None, None);
+                    Ok(resp.map(tonic::body::Body::new))
+                }
+            }
+        })
+    }
+}
+
+/// A status tonic made before our handler ran, with the contract's code and an
+/// ErrorInfo: an undecodable message is the caller's fault, not INTERNAL, and
+/// an oversized one RESOURCE_EXHAUSTED, not OUT_OF_RANGE.
+fn refusal(s: Status) -> Status {
+    let message = clip_for_caller(s.message());
+    match s.code() {
+        Code::Internal => status(
+            Code::InvalidArgument,
+            format!("malformed request: {message}"),
+            "MALFORMED_REQUEST",
+        ),
+        Code::OutOfRange | Code::ResourceExhausted => {
+            status(Code::ResourceExhausted, message, "MESSAGE_TOO_LARGE")
+        }
+        Code::Unimplemented => status(Code::Unimplemented, message, "UNIMPLEMENTED"),
+        code => status(code, message, "REFUSED"),
+    }
+}
+
+fn method_of(path: &str) -> &'static str {
+    match path.rsplit('/').next() {
+        Some("LoginURL") => "LoginURL",
+        Some("HandleCallback") => "HandleCallback",
+        Some("Refresh") => "Refresh",
+        _ => "unknown",
+    }
+}
+
+/// One RPC's metrics and log line. Dropped unfinished (the caller went away),
+/// it still records the RPC.
+struct Record {
+    _in_flight: InFlight,
+    metrics: Metrics,
     method: &'static str,
-    connector: String,
+    call: Call,
     request_id: String,
     started: std::time::Instant,
-    deadline: Instant,
-    upstream_calls: Arc<UpstreamTally>,
     done: bool,
 }
 
-impl Record<'_> {
+impl Record {
+    /// Records `s` and answers it.
+    fn answer(&mut self, s: Status) -> http::Response<tonic::body::Body> {
+        let reason = s.get_details_error_info().map(|i| i.reason);
+        self.finish(s.code(), Some(s.message()), reason.as_deref());
+        s.into_http()
+    }
+
     fn finish(&mut self, code: Code, error: Option<&str>, reason: Option<&str>) {
         self.done = true;
-        let metrics = &self.service.metrics;
+        let metrics = &self.metrics;
         let method = self.method;
         let elapsed = self.started.elapsed();
         metrics
@@ -136,17 +301,24 @@ impl Record<'_> {
         // Whole microseconds, so the line reads 13.281, not 13.281203999999999.
         let ms = elapsed.as_micros() as f64 / 1000.0;
         // Shown with Display, not Debug (which escapes and quotes char by
-        // char, the bulk of the line's cost): method and code are static names,
-        // and both ids are reduced to printable ASCII without spaces first
-        // (`connector_id_for_logs`, `request_id`). `error` stays Debug-quoted.
-        let connector = tracing::field::display(self.connector.as_str());
+        // char, the bulk of the line's cost): method, code and reason are
+        // static names, and both ids are reduced to printable ASCII without
+        // spaces first (`connector_id_for_logs`, `request_id`). `error` stays
+        // Debug-quoted, and caller text in it is clipped (`clip_for_caller`).
+        let connector_id = self
+            .call
+            .0
+            .connector
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let connector = tracing::field::display(connector_id.as_str());
         let code = code_name(code);
         let request_id = tracing::field::display(self.request_id.as_str());
-        let upstream_calls = self.upstream_calls.total();
-        let upstream = tracing::field::display(self.upstream_calls.summary());
+        let upstream_calls = self.call.0.upstream_calls.total();
+        let upstream = tracing::field::display(self.call.0.upstream_calls.summary());
         let rpc = tracing::field::display(method);
-        // `error: None` and `reason: None` record no field; reasons are
-        // static SCREAMING_SNAKE names.
+        // `error: None` and `reason: None` record no field.
         let reason = reason.map(tracing::field::display);
         if error.is_some() && is_server_fault(code) {
             tracing::warn!(rpc, connector, code = %code, reason, ms, upstream_calls, upstream, request_id, error, "rpc");
@@ -156,10 +328,10 @@ impl Record<'_> {
     }
 }
 
-impl Drop for Record<'_> {
+impl Drop for Record {
     fn drop(&mut self) {
         if !self.done {
-            let (code, why, reason) = if Instant::now() >= self.deadline {
+            let (code, why, reason) = if Instant::now() >= self.call.0.deadline {
                 (
                     Code::DeadlineExceeded,
                     "the caller's deadline passed",
@@ -179,9 +351,9 @@ impl pb::connector_service_server::ConnectorService for Service {
         &self,
         req: Request<pb::LoginUrlRequest>,
     ) -> Result<Response<pb::LoginUrlResponse>, Status> {
-        let (meta, _, req) = req.into_parts();
+        let (_, ext, req) = req.into_parts();
         let id = req.connector_id.clone();
-        self.rpc("LoginURL", &meta, &id, |c, _| async move {
+        self.rpc(&ext, &id, |c, _| async move {
             let url = c.login_url(&req.callback_url, &req.state)?;
             Ok(pb::LoginUrlResponse {
                 url,
@@ -195,9 +367,9 @@ impl pb::connector_service_server::ConnectorService for Service {
         &self,
         req: Request<pb::HandleCallbackRequest>,
     ) -> Result<Response<pb::HandleCallbackResponse>, Status> {
-        let (meta, _, req) = req.into_parts();
+        let (_, ext, req) = req.into_parts();
         let id = req.connector_id.clone();
-        self.rpc("HandleCallback", &meta, &id, |c, deadline| async move {
+        self.rpc(&ext, &id, |c, deadline| async move {
             let identity = c
                 .handle_callback(scopes(req.scopes), &req.raw_query, deadline)
                 .await?;
@@ -212,9 +384,9 @@ impl pb::connector_service_server::ConnectorService for Service {
         &self,
         req: Request<pb::RefreshRequest>,
     ) -> Result<Response<pb::RefreshResponse>, Status> {
-        let (meta, _, req) = req.into_parts();
+        let (_, ext, req) = req.into_parts();
         let id = req.connector_id.clone();
-        self.rpc("Refresh", &meta, &id, |c, deadline| async move {
+        self.rpc(&ext, &id, |c, deadline| async move {
             let previous: connector::Identity = req
                 .identity
                 .map(Into::into)
@@ -228,16 +400,16 @@ impl pb::connector_service_server::ConnectorService for Service {
     }
 }
 
-struct InFlight<'a>(&'a Metrics);
+struct InFlight(Metrics);
 
-impl<'a> InFlight<'a> {
-    fn new(m: &'a Metrics) -> Self {
+impl InFlight {
+    fn new(m: &Metrics) -> Self {
         m.rpc_in_flight.inc();
-        InFlight(m)
+        InFlight(m.clone())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.rpc_in_flight.dec();
     }
@@ -280,7 +452,7 @@ impl From<pb::Identity> for connector::Identity {
 }
 
 /// The caller's `grpc-timeout` (capped by `default`), less a small margin.
-fn timeout(meta: &tonic::metadata::MetadataMap, default: Duration) -> Duration {
+fn timeout(meta: &http::HeaderMap, default: Duration) -> Duration {
     let t = meta
         .get("grpc-timeout")
         .and_then(|v| v.to_str().ok())
@@ -324,7 +496,7 @@ fn connector_id_for_logs(id: &str) -> String {
     }
 }
 
-fn request_id(meta: &tonic::metadata::MetadataMap) -> String {
+fn request_id(meta: &http::HeaderMap) -> String {
     meta.get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()))
@@ -357,8 +529,61 @@ fn status_with(
     )
 }
 
+/// Longest string the caller sent that a message or a log line echoes.
+const CALLER_TEXT_MAX: usize = 256;
+
+/// A string the caller sent, as echoed in a message shown without quoting: at
+/// most 256 characters (then `…`), control characters escaped.
+pub fn clip_for_caller(s: &str) -> String {
+    let mut out = String::with_capacity(s.len().min(CALLER_TEXT_MAX + 8));
+    for (n, c) in s.chars().enumerate() {
+        if n == CALLER_TEXT_MAX {
+            out.push('…');
+            break;
+        }
+        if c.is_control() {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// The same for a string that the message Debug-quotes (which escapes it).
+fn truncate_for_caller(s: &str) -> String {
+    match s.char_indices().nth(CALLER_TEXT_MAX) {
+        Some((end, _)) => format!("{}…", &s[..end]),
+        None => s.to_string(),
+    }
+}
+
+/// `e` with the strings the caller sent clipped, before it becomes a message.
+fn caller_text_clipped(e: &Error) -> Error {
+    match e {
+        Error::UnknownConnector(id) => Error::UnknownConnector(truncate_for_caller(id)),
+        Error::CallbackUrlMismatch {
+            received,
+            configured,
+        } => Error::CallbackUrlMismatch {
+            received: truncate_for_caller(received),
+            configured: configured.clone(),
+        },
+        Error::CallbackError { error, description } => Error::CallbackError {
+            error: clip_for_caller(error),
+            description: description.as_deref().map(clip_for_caller),
+        },
+        Error::UserChanged { expected, actual } => Error::UserChanged {
+            expected: clip_for_caller(expected),
+            actual: actual.clone(),
+        },
+        other => other.clone(),
+    }
+}
+
 /// The one mapping from domain errors to gRPC statuses (see README's table).
 pub fn into_status(e: &Error) -> Status {
+    let e = &caller_text_clipped(e);
     let (code, reason) = match e {
         Error::UnknownConnector(_) => (Code::NotFound, "UNKNOWN_CONNECTOR"),
         Error::AmbiguousConnector(_) => (Code::NotFound, "AMBIGUOUS_CONNECTOR"),
@@ -452,7 +677,7 @@ mod tests {
             "x?code=OK?ms=1?[31m"
         );
         assert_eq!(connector_id_for_logs(&"a".repeat(100)).len(), 64);
-        let mut meta = tonic::metadata::MetadataMap::new();
+        let mut meta = http::HeaderMap::new();
         meta.insert("x-request-id", "req-42".parse().unwrap());
         assert_eq!(request_id(&meta), "req-42");
         meta.insert("x-request-id", "a b".parse().unwrap());

@@ -16,6 +16,7 @@ pub mod bitbucket;
 pub mod cache;
 pub mod cli;
 pub mod config;
+pub mod connections;
 pub mod connector;
 pub mod fake_bitbucket;
 pub mod grpc;

@@ -12,11 +12,11 @@ use subtle::ConstantTimeEq as _;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::server::TcpIncoming;
 use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, ListenAddr};
+use crate::connections::{self, Accept, Limits};
 use crate::connector::{Connector, Connectors};
 use crate::grpc::{self, Service};
 use crate::metrics::Metrics;
@@ -113,27 +113,20 @@ pub async fn serve(
 ) -> Result<(), String> {
     let cfg = &app.config.grpc;
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
-    let service = Service::new(
-        app.connectors.clone(),
-        app.metrics.clone(),
-        in_flight.clone(),
-        cfg.default_timeout,
-    );
+    let service = Service::new(app.connectors.clone(), cfg.default_timeout);
     let connector_server =
         ConnectorServiceServer::new(service).max_decoding_message_size(cfg.max_request_bytes);
     let tokens = Arc::new(cfg.auth_tokens.clone());
     let connector_server =
         InterceptedService::new(connector_server, move |req| check_token(&tokens, req));
+    let connector_server = tower::Layer::layer(
+        &grpc::Envelope::new(app.metrics.clone(), in_flight.clone(), cfg.default_timeout),
+        connector_server,
+    );
 
     let (health, health_server) = tonic_health::server::health_reporter();
     let serving = Arc::new(AtomicBool::new(false));
 
-    let builder = tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(cfg.keepalive_interval))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        // Not tied to maxInFlight: a client would queue streams instead of
-        // hearing RESOURCE_EXHAUSTED.
-        .max_concurrent_streams(Some(cfg.max_in_flight.clamp(256, 1 << 20) as u32));
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
         (Some(cert), Some(key)) => Some(Arc::new(ReloadableTls::load(TlsFiles {
             cert: cert.clone(),
@@ -142,12 +135,7 @@ pub async fn serve(
         })?)),
         _ => None,
     };
-    let mut router = builder
-        .layer(tower::util::MapResponseLayer::new(
-            too_large_is_resource_exhausted,
-        ))
-        .add_service(health_server)
-        .add_service(connector_server);
+    let mut routes = tonic::service::Routes::new(health_server).add_service(connector_server);
     if cfg.reflection {
         let v1 = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
@@ -161,7 +149,7 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
             .build_v1alpha()
             .map_err(|e| format!("reflection: {e}"))?;
-        router = router.add_service(v1).add_service(v1alpha);
+        routes = routes.add_service(v1).add_service(v1alpha);
     }
 
     let telemetry = match app.config.telemetry.http {
@@ -184,22 +172,25 @@ pub async fn serve(
         Listener::Tcp(_) => None,
     };
     let tls_watch = tls.clone().map(|t| tokio::spawn(t.watch()));
-    let server = match listener {
-        Listener::Tcp(l) => match tls {
-            Some(tls) => {
-                let incoming = crate::tls::incoming(l, tls);
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-            }
-            None => {
-                let incoming = TcpIncoming::from(l).with_nodelay(Some(true));
-                tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-            }
-        },
-        Listener::Unix(l, _) => {
-            let incoming = tokio_stream::wrappers::UnixListenerStream::new(l);
-            tokio::spawn(router.serve_with_incoming_shutdown(incoming, stop))
-        }
+    let hangup = on_hangup(tls.clone());
+    let service = tower::ServiceBuilder::new()
+        .map_response(too_large_is_resource_exhausted)
+        .service(routes.prepare());
+    let accept = match listener {
+        Listener::Tcp(l) => Accept::Tcp(l, tls),
+        Listener::Unix(l, _) => Accept::Unix(l),
     };
+    let limits = Limits {
+        max_connections: cfg.max_connections,
+        idle_timeout: cfg.connection_idle_timeout,
+        max_concurrent_streams: cfg.max_concurrent_streams,
+        keepalive_interval: cfg.keepalive_interval,
+        keepalive_timeout: Duration::from_secs(20),
+        // One message at the size cap (with its 5-byte prefix) per stream;
+        // never under HTTP/2's default 65,535.
+        stream_window: (cfg.max_request_bytes.saturating_add(5)).clamp(65_535, 1 << 30) as u32,
+    };
+    let server = tokio::spawn(connections::serve(accept, service, limits, stop));
 
     health.set_service_status("", ServingStatus::Serving).await;
     health
@@ -220,11 +211,7 @@ pub async fn serve(
         _ = shutdown => {}
         r = &mut server => {
             serving.store(false, Ordering::SeqCst);
-            return match r {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(e)) => Err(format!("gRPC server failed: {e}")),
-                Err(e) => Err(format!("gRPC server task failed: {e}")),
-            };
+            return r.map_err(|e| format!("gRPC server task failed: {e}"));
         }
     }
 
@@ -258,13 +245,43 @@ pub async fn serve(
             );
         }
     }
-    for t in [telemetry, tls_watch].into_iter().flatten() {
+    for t in [telemetry, tls_watch, hangup].into_iter().flatten() {
         t.abort();
     }
     if let Some(p) = socket_path {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+/// SIGHUP reloads the TLS certificates when TLS is on, and never stops the
+/// process (its default action would, silently): once this handler is
+/// registered, the signal is caught for the rest of the process's life.
+fn on_hangup(tls: Option<Arc<ReloadableTls>>) -> Option<tokio::task::JoinHandle<()>> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = match signal(SignalKind::hangup()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot handle SIGHUP");
+                return None;
+            }
+        };
+        Some(tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                match &tls {
+                    Some(t) => t.reload_logged("SIGHUP"),
+                    None => tracing::info!("SIGHUP received; nothing to reload without TLS"),
+                }
+            }
+        }))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tls;
+        None
+    }
 }
 
 /// `authorization: Bearer <token>` when `grpc.authTokens` is set; compared in

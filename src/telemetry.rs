@@ -5,6 +5,7 @@ use std::io::IsTerminal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -158,11 +159,47 @@ pub async fn serve_http(
             }),
         );
     tracing::info!(%addr, "serving telemetry (/metrics, /healthz, /readyz)");
-    Ok(tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
-            tracing::error!(error = %e, "telemetry endpoint failed");
-        }
-    }))
+    Ok(tokio::spawn(serve_connections(listener, app)))
+}
+
+/// A client that has not sent a complete request header within this long is
+/// disconnected (slowloris), idle keep-alive connections included.
+pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Telemetry connections held at once; beyond it new ones wait.
+const MAX_CONNECTIONS: usize = 256;
+
+/// HTTP/1.1 with hyper directly: `axum::serve` sets no header-read timeout.
+async fn serve_connections(listener: tokio::net::TcpListener, app: Router) {
+    let mut http1 = hyper::server::conn::http1::Builder::new();
+    http1
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT)
+        .keep_alive(true);
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut backoff = crate::connections::Backoff::default();
+    loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let tcp = match listener.accept().await {
+            Ok((tcp, _)) => {
+                backoff.reset();
+                tcp
+            }
+            Err(e) => {
+                tokio::time::sleep(backoff.failed(&e, "telemetry")).await;
+                continue;
+            }
+        };
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = http1.serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
+        tokio::spawn(async move {
+            let _slot = slot;
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "telemetry connection ended with an error");
+            }
+        });
+    }
 }
 
 #[cfg(test)]

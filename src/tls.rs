@@ -1,7 +1,6 @@
 //! TLS and mutual TLS for the gRPC port, with certificates re-read on SIGHUP
 //! or when the files change, without dropping the server or its connections.
 
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -10,12 +9,8 @@ use rustls::pki_types::pem::PemObject as _;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-/// A handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the files' modification times are looked at.
 const POLL_EVERY: Duration = Duration::from_secs(5);
 
@@ -56,7 +51,7 @@ impl ReloadableTls {
         *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) != now
     }
 
-    fn acceptor(&self) -> TlsAcceptor {
+    pub(crate) fn acceptor(&self) -> TlsAcceptor {
         TlsAcceptor::from(
             self.current
                 .read()
@@ -65,33 +60,23 @@ impl ReloadableTls {
         )
     }
 
-    /// Reloads on SIGHUP and when a file's modification time changes.
+    /// Reloads, logging the outcome; `trigger` says why.
+    pub fn reload_logged(&self, trigger: &str) {
+        match self.reload() {
+            Ok(()) => tracing::info!(trigger, "TLS certificates reloaded"),
+            Err(e) => {
+                tracing::error!(trigger, error = %e, "TLS reload failed; the previous certificates stay in use")
+            }
+        }
+    }
+
+    /// Reloads when a file's modification time changes (SIGHUP is handled
+    /// by the server, which calls `reload_logged`).
     pub async fn watch(self: Arc<Self>) {
-        #[cfg(unix)]
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
-            let by_signal = async {
-                #[cfg(unix)]
-                if let Some(h) = hup.as_mut() {
-                    h.recv().await;
-                    return;
-                }
-                std::future::pending::<()>().await
-            };
-            let why = tokio::select! {
-                _ = by_signal => "SIGHUP",
-                _ = tokio::time::sleep(POLL_EVERY) => {
-                    if !self.changed() {
-                        continue;
-                    }
-                    "files changed"
-                }
-            };
-            match self.reload() {
-                Ok(()) => tracing::info!(trigger = why, "TLS certificates reloaded"),
-                Err(e) => {
-                    tracing::error!(trigger = why, error = %e, "TLS reload failed; the previous certificates stay in use")
-                }
+            tokio::time::sleep(POLL_EVERY).await;
+            if self.changed() {
+                self.reload_logged("files changed");
             }
         }
     }
@@ -156,42 +141,4 @@ fn build(files: &TlsFiles) -> Result<ServerConfig, String> {
         .map_err(|e| format!("grpc.tlsKey: does not match grpc.tlsCert or is unusable: {e}"))?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
-}
-
-/// Accepted TLS connections. Handshakes run concurrently (a slow or failing
-/// client never holds up the others); failures are logged at debug and dropped.
-pub fn incoming(
-    listener: TcpListener,
-    tls: Arc<ReloadableTls>,
-) -> tokio_stream::wrappers::ReceiverStream<io::Result<TlsStream<TcpStream>>> {
-    let (tx, rx) = tokio::sync::mpsc::channel(128);
-    tokio::spawn(async move {
-        loop {
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = tx.closed() => return,
-            };
-            let (tcp, peer) = match accepted {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = tls.acceptor();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                    Ok(Ok(stream)) => {
-                        let _ = tx.send(Ok(stream)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    tokio_stream::wrappers::ReceiverStream::new(rx)
 }

@@ -69,6 +69,44 @@ pub struct Response {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The body's share of [`BODY_BUDGET`], given back with the response.
+    _budget: Share,
+}
+
+/// Response bytes (KiB) that all clients of the process hold at once: 16
+/// bodies at the 4 MiB cap, where a login needs a few KiB. Beyond it a
+/// response fails (UNAVAILABLE) instead of growing the heap.
+pub const BODY_BUDGET_KIB: usize = 64 * 1024;
+static BODY_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BODY_BUDGET_KIB);
+
+/// A body's share of a budget of KiB, grown as its chunks arrive.
+struct Share {
+    budget: &'static tokio::sync::Semaphore,
+    held: Option<tokio::sync::SemaphorePermit<'static>>,
+}
+
+impl Share {
+    fn new(budget: &'static tokio::sync::Semaphore) -> Share {
+        Share { budget, held: None }
+    }
+
+    /// Holds enough for `len` bytes, or fails at once (never waits).
+    fn grow_to(&mut self, len: usize) -> Result<(), ExchangeError> {
+        let held = self.held.as_ref().map_or(0, |p| p.num_permits());
+        let more = len.div_ceil(1024).saturating_sub(held);
+        if more == 0 {
+            return Ok(());
+        }
+        let p = u32::try_from(more)
+            .ok()
+            .and_then(|n| self.budget.try_acquire_many(n).ok())
+            .ok_or(ExchangeError::OverBudget)?;
+        match self.held.as_mut() {
+            Some(h) => h.merge(p),
+            None => self.held = Some(p),
+        }
+        Ok(())
+    }
 }
 
 pub struct Http {
@@ -349,6 +387,18 @@ impl Http {
                     ),
                 })
             }
+            Err(ExchangeError::OverBudget) => {
+                self.metrics.upstream(endpoint, UpstreamStatus::Error, secs);
+                tracing::warn!(
+                    endpoint,
+                    budget_kib = BODY_BUDGET_KIB,
+                    "upstream response bodies held at once are over budget; failing this one"
+                );
+                Attempt::Fail(UpstreamError::Unavailable {
+                    endpoint,
+                    detail: "too many large responses held at once".into(),
+                })
+            }
             Ok(resp) => {
                 let status = resp.status;
                 self.metrics
@@ -404,16 +454,20 @@ impl Http {
         }
         let headers = std::mem::take(resp.headers_mut());
         let mut body = BytesMut::new();
+        let mut budget = Share::new(&BODY_BUDGET);
         while let Some(chunk) = resp.chunk().await.map_err(ExchangeError::Transport)? {
-            if body.len() + chunk.len() > max {
+            let len = body.len() + chunk.len();
+            if len > max {
                 return Err(ExchangeError::TooLarge(status));
             }
+            budget.grow_to(len)?;
             body.extend_from_slice(&chunk);
         }
         Ok(Response {
             status,
             headers,
             body: body.freeze(),
+            _budget: budget,
         })
     }
 }
@@ -427,6 +481,8 @@ pub fn install_crypto() {
 enum ExchangeError {
     Transport(reqwest::Error),
     TooLarge(StatusCode),
+    /// [`BODY_BUDGET`] is spent.
+    OverBudget,
 }
 
 /// A transport error without the URL (which could carry identifiers).
@@ -517,5 +573,25 @@ mod tests {
             assert!(b1 >= Duration::from_millis(50) && b1 < Duration::from_millis(100));
             assert!(b2 >= Duration::from_millis(100) && b2 < Duration::from_millis(200));
         }
+    }
+
+    #[test]
+    fn bodies_share_one_budget_and_give_it_back() {
+        static BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(8);
+        let mut a = Share::new(&BUDGET);
+        assert!(a.grow_to(1).is_ok());
+        assert!(a.grow_to(5 * 1024).is_ok());
+        assert_eq!(BUDGET.available_permits(), 3);
+        let mut b = Share::new(&BUDGET);
+        assert!(b.grow_to(3 * 1024).is_ok());
+        assert!(matches!(
+            b.grow_to(3 * 1024 + 1),
+            Err(ExchangeError::OverBudget)
+        ));
+        drop(a);
+        assert!(b.grow_to(8 * 1024).is_ok());
+        assert_eq!(BUDGET.available_permits(), 0);
+        drop(b);
+        assert_eq!(BUDGET.available_permits(), 8);
     }
 }

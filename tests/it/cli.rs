@@ -625,3 +625,228 @@ fn demo_walkthrough_fails_with_the_step_that_failed() {
         "{stdout}"
     );
 }
+
+fn hangup(child: &tokio::process::Child) {
+    let pid = child.id().unwrap().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+}
+
+/// After SIGHUPs: still running, health SERVING, then SIGTERM exits 0; the
+/// process's stderr is returned.
+async fn survives_hangups(mut child: tokio::process::Child, channel: Channel) -> String {
+    let mut health = HealthClient::new(channel);
+    wait_serving(&mut health).await;
+    for _ in 0..3 {
+        hangup(&child);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP stopped the process"
+    );
+    wait_serving(&mut health).await;
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+    stderr
+}
+
+#[tokio::test]
+async fn sighup_never_stops_a_plaintext_service_and_is_logged() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(&fake, &addr.to_string(), ""));
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
+    assert_eq!(
+        stderr.matches("SIGHUP received; nothing to reload").count(),
+        3,
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn sighup_never_stops_a_unix_socket_service() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("bbc.sock");
+    let f = write_config(&config_for(&fake, &format!("unix:{}", sock.display()), ""));
+    let path = sock.clone();
+    let channel = tonic::transport::Endpoint::from_static("http://localhost")
+        .connect_with_connector_lazy(tower::service_fn(move |_: tonic::transport::Uri| {
+            let path = path.clone();
+            async move {
+                let s = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(s))
+            }
+        }));
+    let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
+    assert!(stderr.contains("SIGHUP received"), "{stderr}");
+}
+
+/// With TLS, SIGHUP re-reads the certificates (and still never stops it).
+#[tokio::test]
+async fn sighup_reloads_tls_certificates_without_stopping() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let tls = crate::security::TlsSetup::new();
+    let addr = free_port();
+    let lines: String = tls
+        .grpc_lines(false)
+        .iter()
+        .map(|l| format!("  {l}\n"))
+        .collect();
+    let f = write_config(&config_for(&fake, &addr.to_string(), &lines));
+    let channel = Channel::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(
+                    &tls.server_ca.ca_pem,
+                ))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect_lazy();
+    let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
+    assert_eq!(
+        stderr
+            .lines()
+            .filter(|l| l.contains("TLS certificates reloaded") && l.contains("SIGHUP"))
+            .count(),
+        3,
+        "{stderr}"
+    );
+}
+
+/// Refusals made before a handler runs leave an access line like any RPC,
+/// with their reason; caller text in a line is clipped.
+#[tokio::test]
+async fn refusals_and_long_caller_strings_in_access_lines() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(
+        &fake,
+        &addr.to_string(),
+        "  authTokens: [the-token-value]\nlogger:\n  format: json\n",
+    ));
+    let child = spawn_serve(f.path());
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(channel.clone())).await;
+    let mut c = ConnectorServiceClient::new(channel);
+    let err = c
+        .login_url(pb::LoginUrlRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+    let mut req = tonic::Request::new(pb::LoginUrlRequest {
+        callback_url: format!("http://evil.example/\n{}", "a".repeat(60_000)),
+        ..Default::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", "Bearer the-token-value".parse().unwrap());
+    c.login_url(req).await.unwrap_err();
+
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let lines: Vec<serde_json::Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &serde_json::Value| v["message"] == "rpc")
+        .collect();
+    assert_eq!(lines.len(), 2, "{stderr}");
+    let (refused, long) = (&lines[0], &lines[1]);
+    assert_eq!(
+        (&refused["rpc"], &refused["code"], &refused["reason"]),
+        (
+            &"LoginURL".into(),
+            &"UNAUTHENTICATED".into(),
+            &"MISSING_CREDENTIALS".into()
+        ),
+        "{refused}"
+    );
+    assert_eq!(long["reason"], "CALLBACK_URL_MISMATCH", "{long}");
+    let error = long["error"].as_str().unwrap();
+    assert!(error.len() < 600, "{} bytes", error.len());
+    assert!(!error.contains('\n'), "{error}");
+    assert!(stderr.len() < 20_000, "{} bytes of log", stderr.len());
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let after_name = &stat[stat.rfind(')').unwrap() + 2..];
+    let f: Vec<&str> = after_name.split(' ').collect();
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors, the accept loop logs and backs off instead of
+/// spinning; open connections keep being served, and new ones are once
+/// descriptors come back.
+#[tokio::test]
+async fn running_out_of_descriptors_is_logged_and_backed_off() {
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let addr = free_port();
+    let f = write_config(&config_for(&fake, &addr.to_string(), ""));
+    let child = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {BIN} serve -c {}",
+            f.path().display()
+        ))
+        .env("TEST_DATA_KEY", KEY_A)
+        .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let channel = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    let mut health = HealthClient::new(channel);
+    wait_serving(&mut health).await;
+    let mut hogs = Vec::new();
+    for _ in 0..100 {
+        hogs.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pid = child.id().unwrap();
+    let before = cpu_ticks(pid);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let used = cpu_ticks(pid) - before;
+    // A busy accept loop burns the whole 2 s (200 ticks at 100 Hz).
+    assert!(
+        used < 60,
+        "{used} ticks of CPU in 2 s while out of descriptors"
+    );
+    wait_serving(&mut health).await;
+    drop(hogs);
+    let fresh = Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy();
+    wait_serving(&mut HealthClient::new(fresh)).await;
+    sigterm(&child);
+    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("accept failed; backing off"), "{stderr}");
+    assert!(stderr.contains("Too many open files"), "{stderr}");
+}

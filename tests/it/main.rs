@@ -7,6 +7,7 @@ mod budget;
 mod cli;
 mod fake_process;
 mod foundation;
+mod hostile;
 mod login;
 mod operate;
 mod refresh;

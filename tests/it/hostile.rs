@@ -1,0 +1,442 @@
+//! Issue 13: hostile and broken callers cost bounded resources; every refusal
+//! carries an ErrorInfo, is logged and counted. Raw HTTP/2 (the `h2` crate)
+//! where a well-behaved client cannot misbehave enough.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use bitbucket_connector::pb;
+use bytes::Bytes;
+use tonic::Code;
+use tonic_types::StatusExt as _;
+
+use crate::harness::*;
+
+const LOGIN_URL: &str = "/connector.v1.ConnectorService/LoginURL";
+
+/// A raw HTTP/2 connection to the service.
+async fn h2_connect(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    send.ready().await.unwrap()
+}
+
+/// The HEADERS of a unary gRPC call.
+fn grpc_headers(
+    addr: SocketAddr,
+    path: &str,
+    timeout: Option<&str>,
+    token: Option<&str>,
+) -> http::Request<()> {
+    let mut b = http::Request::post(format!("http://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(t) = timeout {
+        b = b.header("grpc-timeout", t);
+    }
+    if let Some(t) = token {
+        b = b.header("authorization", format!("Bearer {t}"));
+    }
+    b.body(()).unwrap()
+}
+
+/// A gRPC length-prefixed message.
+fn frame(msg: &[u8]) -> Bytes {
+    let mut v = vec![0u8];
+    v.extend_from_slice(&(msg.len() as u32).to_be_bytes());
+    v.extend_from_slice(msg);
+    v.into()
+}
+
+/// The status of a response, from its headers (trailers-only) or trailers.
+async fn status_of(resp: h2::client::ResponseFuture) -> tonic::Status {
+    let resp = resp.await.unwrap();
+    if let Some(s) = tonic::Status::from_header_map(resp.headers()) {
+        return s;
+    }
+    let mut body = resp.into_body();
+    while let Some(d) = body.data().await {
+        let d = d.unwrap();
+        let _ = body.flow_control().release_capacity(d.len());
+    }
+    let trailers = body.trailers().await.unwrap().unwrap();
+    tonic::Status::from_header_map(&trailers).unwrap()
+}
+
+/// One unary call sent as raw bytes (`body` already framed, or not).
+async fn raw_call(addr: SocketAddr, token: Option<&str>, body: Bytes) -> tonic::Status {
+    let mut send = h2_connect(addr).await;
+    let (resp, mut stream) = send
+        .send_request(grpc_headers(addr, LOGIN_URL, Some("10S"), token), false)
+        .unwrap();
+    stream.send_data(body, true).unwrap();
+    status_of(resp).await
+}
+
+fn error_reason(s: &tonic::Status) -> String {
+    let info = s
+        .get_details_error_info()
+        .unwrap_or_else(|| panic!("no ErrorInfo: {s:?}"));
+    assert_eq!(info.domain, "bitbucket-connector");
+    info.reason
+}
+
+/// The value of one sample line of the metrics text, 0 if absent.
+fn sample(metrics: &str, series: &str) -> f64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn a_stream_without_a_body_is_in_flight_and_gets_deadline_exceeded_at_its_deadline() {
+    let mut setup = Setup::default().grpc("defaultTimeout: 60s");
+    setup.telemetry = true;
+    let env = setup.start().await;
+    let mut send = h2_connect(env.addr).await;
+    let started = Instant::now();
+    let (resp, _body_never_sent) = send
+        .send_request(
+            grpc_headers(env.addr, LOGIN_URL, Some("1500m"), None),
+            false,
+        )
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = env.metrics().await;
+    assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 1.0, "{m}");
+
+    let s = status_of(resp).await;
+    let took = started.elapsed();
+    assert_eq!(s.code(), Code::DeadlineExceeded, "{s:?}");
+    assert_eq!(error_reason(&s), "DEADLINE_EXCEEDED");
+    // At its own deadline (1.5 s less the margin), not defaultTimeout's 60 s.
+    assert!(took >= Duration::from_millis(1300), "{took:?}");
+    assert!(took < Duration::from_secs(20), "{took:?}");
+    let m = env.metrics().await;
+    assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 0.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "bitbucket_connector_rpc_requests_total{method=\"LoginURL\",code=\"DEADLINE_EXCEEDED\"}"
+        ),
+        1.0,
+        "{m}"
+    );
+    env.assert_serving().await;
+}
+
+#[tokio::test]
+async fn streams_without_a_body_take_max_in_flight_slots() {
+    let env = Setup::default().grpc("maxInFlight: 2").start().await;
+    let mut send = h2_connect(env.addr).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            send.send_request(grpc_headers(env.addr, LOGIN_URL, Some("20S"), None), false)
+                .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let login_url = || pb::LoginUrlRequest {
+        callback_url: REDIRECT.into(),
+        state: "s".into(),
+        ..Default::default()
+    };
+    let err = env.client().login_url(login_url()).await.unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(reason(&err), "TOO_MANY_REQUESTS");
+
+    // The slots come back when the streams go away.
+    drop(held);
+    drop(send);
+    let mut served = false;
+    for _ in 0..100 {
+        if env.client().login_url(login_url()).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(served, "the held slots were not released");
+}
+
+#[tokio::test]
+async fn an_undecodable_message_is_invalid_argument_malformed_request() {
+    let env = Setup::default().start().await;
+    let cases: [(&str, Bytes); 4] = [
+        // callback_url (field 2, a string) that is not UTF-8
+        ("invalid UTF-8", frame(&[0x12, 0x02, 0xff, 0xfe])),
+        // field 2 sent as a varint
+        ("wrong wire type", frame(&[0x10, 0x01])),
+        // a length-delimited field longer than the message
+        ("truncated field", frame(&[0x12, 0x10, b'a'])),
+        // the frame announces 16 bytes, 3 come
+        (
+            "truncated frame",
+            Bytes::from_static(&[0, 0, 0, 0, 16, 0x12, 0x01, b'a']),
+        ),
+    ];
+    for (what, body) in cases {
+        let s = raw_call(env.addr, None, body).await;
+        assert_eq!(s.code(), Code::InvalidArgument, "{what}: {s:?}");
+        assert_eq!(error_reason(&s), "MALFORMED_REQUEST", "{what}");
+        assert!(
+            s.message().starts_with("malformed request: "),
+            "{what}: {s:?}"
+        );
+    }
+    env.assert_serving().await;
+}
+
+#[tokio::test]
+async fn an_oversized_message_is_resource_exhausted_with_a_reason() {
+    let env = Setup::default().grpc("maxRequestBytes: 4096").start().await;
+    let err = env
+        .client()
+        .login_url(pb::LoginUrlRequest {
+            callback_url: "a".repeat(10_000),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::ResourceExhausted, "{err:?}");
+    assert_eq!(error_reason(&err), "MESSAGE_TOO_LARGE");
+    env.assert_serving().await;
+}
+
+#[tokio::test]
+async fn refusals_before_the_handler_are_counted() {
+    let mut setup = Setup::default()
+        .grpc("authTokens: [the-token-value]")
+        .grpc("maxRequestBytes: 4096");
+    setup.telemetry = true;
+    let env = setup.start().await;
+    let no_token = raw_call(env.addr, None, frame(&[])).await;
+    assert_eq!(no_token.code(), Code::Unauthenticated);
+    assert_eq!(error_reason(&no_token), "MISSING_CREDENTIALS");
+    let wrong = raw_call(env.addr, Some("guess"), frame(&[])).await;
+    assert_eq!(error_reason(&wrong), "INVALID_CREDENTIALS");
+    let undecodable = raw_call(env.addr, Some("the-token-value"), frame(&[0x10, 0x01])).await;
+    assert_eq!(error_reason(&undecodable), "MALFORMED_REQUEST");
+    let mut big = vec![0x12, 0x90, 0x4e]; // callback_url of 10,000 bytes
+    big.extend(std::iter::repeat_n(b'a', 10_000));
+    let oversized = raw_call(env.addr, Some("the-token-value"), frame(&big)).await;
+    assert_eq!(error_reason(&oversized), "MESSAGE_TOO_LARGE");
+
+    let m = env.metrics().await;
+    let count = |code: &str| {
+        sample(
+            &m,
+            &format!(
+                "bitbucket_connector_rpc_requests_total{{method=\"LoginURL\",code=\"{code}\"}}"
+            ),
+        )
+    };
+    assert_eq!(count("UNAUTHENTICATED"), 2.0, "{m}");
+    assert_eq!(count("INVALID_ARGUMENT"), 1.0, "{m}");
+    assert_eq!(count("RESOURCE_EXHAUSTED"), 1.0, "{m}");
+}
+
+#[tokio::test]
+async fn caller_strings_are_clipped_in_messages() {
+    let env = Setup::default().start().await;
+    let long = format!("http://evil.example/{}", "a".repeat(60_000));
+    let err = env
+        .client()
+        .login_url(pb::LoginUrlRequest {
+            callback_url: long,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert_eq!(reason(&err), "CALLBACK_URL_MISMATCH");
+    assert!(err.message().len() < 600, "{} bytes", err.message().len());
+    assert!(
+        err.message()
+            .starts_with("expected callback URL \"http://evil.example/aaa"),
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("…"), "{}", err.message());
+
+    let err = env
+        .client()
+        .login_url(pb::LoginUrlRequest {
+            callback_url: "http://x/\n\u{1b}[31m".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(!err.message().chars().any(char::is_control), "{err:?}");
+
+    let identity = env.login("alice", scopes(true, false)).await.unwrap();
+    let err = env
+        .refresh(
+            pb::Identity {
+                user_id: format!("{{forged}}\n{}", "u".repeat(60_000)),
+                ..identity
+            },
+            None,
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    assert_eq!(reason(&err), "USER_CHANGED");
+    assert!(err.message().len() < 600, "{} bytes", err.message().len());
+    assert!(!err.message().chars().any(char::is_control), "{err:?}");
+    assert!(
+        err.message().contains("{forged}\\nuuu"),
+        "{}",
+        err.message()
+    );
+}
+
+/// A raw HTTP/2 connection whose end can be awaited.
+async fn h2_connect_watched(
+    addr: SocketAddr,
+) -> (
+    h2::client::SendRequest<Bytes>,
+    tokio::task::JoinHandle<Result<(), h2::Error>>,
+) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) = h2::client::handshake(tcp).await.unwrap();
+    let ended = tokio::spawn(conn);
+    (send.ready().await.unwrap(), ended)
+}
+
+#[tokio::test]
+async fn an_idle_connection_is_closed_but_not_one_with_an_rpc_in_flight() {
+    let env = Setup::default()
+        .grpc("connectionIdleTimeout: 1s")
+        .start()
+        .await;
+    // One RPC, then nothing: closed about a second later.
+    let (mut send, ended) = h2_connect_watched(env.addr).await;
+    let (resp, mut body) = send
+        .send_request(grpc_headers(env.addr, LOGIN_URL, Some("10S"), None), false)
+        .unwrap();
+    body.send_data(frame(&[]), true).unwrap();
+    assert_eq!(status_of(resp).await.code(), Code::InvalidArgument);
+    let idle_from = Instant::now();
+    let r = tokio::time::timeout(Duration::from_secs(15), ended)
+        .await
+        .expect("the idle connection was not closed");
+    assert!(r.unwrap().is_ok(), "closed without a GOAWAY");
+    assert!(idle_from.elapsed() >= Duration::from_millis(900));
+
+    // A stream held for 3 s on a connection idle after 1 s: the stream ends
+    // at its own deadline, the connection is not cut under it.
+    let (mut send, _ended) = h2_connect_watched(env.addr).await;
+    let (resp, _no_body) = send
+        .send_request(grpc_headers(env.addr, LOGIN_URL, Some("3S"), None), false)
+        .unwrap();
+    assert_eq!(status_of(resp).await.code(), Code::DeadlineExceeded);
+}
+
+#[tokio::test]
+async fn a_silent_connection_is_closed_after_the_idle_timeout() {
+    use tokio::io::AsyncReadExt as _;
+    let env = Setup::default()
+        .grpc("connectionIdleTimeout: 1s")
+        .start()
+        .await;
+    let mut silent = tokio::net::TcpStream::connect(env.addr).await.unwrap();
+    let mut buf = [0u8; 1024];
+    let closed = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match silent.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "a connection that never spoke HTTP/2 was held"
+    );
+}
+
+#[tokio::test]
+async fn connections_beyond_max_connections_wait_for_a_free_slot() {
+    let env = Setup::default().grpc("maxConnections: 2").start().await;
+    // The harness's own channel holds one; one more fills the limit.
+    let (held, _held_ended) = h2_connect_watched(env.addr).await;
+    let fresh = || {
+        tonic::transport::Channel::from_shared(format!("http://{}", env.addr))
+            .unwrap()
+            .connect_lazy()
+    };
+    let mut waiting =
+        bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh());
+    let login_url = || {
+        let mut r = tonic::Request::new(pb::LoginUrlRequest {
+            callback_url: REDIRECT.into(),
+            state: "s".into(),
+            ..Default::default()
+        });
+        r.set_timeout(Duration::from_millis(500));
+        r
+    };
+    let err = waiting.login_url(login_url()).await.unwrap_err();
+    assert!(
+        matches!(
+            err.code(),
+            Code::DeadlineExceeded | Code::Cancelled | Code::Unavailable
+        ),
+        "{err:?}"
+    );
+    env.assert_serving().await;
+    // Queued connections are taken in order: the one that gave up goes first.
+    drop(waiting);
+    drop(held);
+    let mut served = false;
+    for _ in 0..50 {
+        let mut c =
+            bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh());
+        if c.login_url(login_url()).await.is_ok() {
+            served = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(served, "a freed slot was not reused");
+}
+
+#[tokio::test]
+async fn a_telemetry_client_without_a_complete_request_header_is_disconnected() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let env = Setup {
+        telemetry: true,
+        ..Default::default()
+    }
+    .start()
+    .await;
+    let addr = env.telemetry.unwrap();
+    let mut slow = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut silent = tokio::net::TcpStream::connect(addr).await.unwrap();
+    slow.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let started = Instant::now();
+    for s in [&mut slow, &mut silent] {
+        let mut buf = Vec::new();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.read_to_end(&mut buf)).await;
+        assert!(r.is_ok(), "held past the header timeout");
+    }
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // A complete request is still answered.
+    assert!(env
+        .metrics()
+        .await
+        .contains("bitbucket_connector_rpc_in_flight"));
+}
