@@ -47,10 +47,17 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         s = Stack(tmp, teams=teams, groups=True, wide_user=a.workspaces)
         try:
+            def ours_cold():
+                # Every login cold: no permission cache.
+                s.service.stop()
+                s.start_service(extra="    permissionCacheTTL: 0s\n")
+                s.start_dex()
+
             for name, start in (
                 ("dex built-in bitbucket-cloud", lambda: s.start_builtin_dex(
                     "getWorkspacePermissions: true\nteams: [" + ", ".join(teams) + "]\n")),
-                ("dex + bitbucket-connector", s.start_dex),
+                ("dex + bitbucket-connector, warm (a second login within permissionCacheTTL)", s.start_dex),
+                ("dex + bitbucket-connector, cold (permissionCacheTTL 0s)", ours_cold),
             ):
                 start()
                 for latency in (0, a.latency_ms):

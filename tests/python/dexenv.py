@@ -129,7 +129,7 @@ class Fake:
 
 
 def service_config(fake, grpc_addr, redirect_uri, *, teams=None, groups=True,
-                   accept_dex_plaintext=False, tls=None, auth_token=None, telemetry=None):
+                   accept_dex_plaintext=False, tls=None, auth_token=None, telemetry=None, extra=""):
     lines = [
         "grpc:",
         f"  addr: {grpc_addr}",
@@ -170,7 +170,7 @@ def service_config(fake, grpc_addr, redirect_uri, *, teams=None, groups=True,
         f"    apiURL: {fake.url}/2.0",
         f"    legacyAPIURL: {fake.url}/1.0",
     ]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + extra
 
 
 class Service:
@@ -433,7 +433,7 @@ class Stack:
     """fake + service + dex for one test; `down()` stops what is running."""
 
     def __init__(self, tmp, *, teams=None, groups="all", service_tls=None, auth_token=None,
-                 dex_extra="", wide_user=0, start_service=True, accept_dex_plaintext=False):
+                 wide_user=0, start_service=True, accept_dex_plaintext=False):
         self.tmp = str(tmp)
         self.dex_port = free_port()
         self.issuer = f"http://127.0.0.1:{self.dex_port}/dex"

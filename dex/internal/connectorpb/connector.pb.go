@@ -108,7 +108,7 @@ type Identity struct {
 	EmailVerified bool `protobuf:"varint,5,opt,name=email_verified,json=emailVerified,proto3" json:"email_verified,omitempty"`
 	// Workspace slugs (in Bitbucket's order, filtered by `teams`), then
 	// "workspace/group" for workspace groups the user belongs to
-	// (includeTeamGroups), then "workspace:permission" (getWorkspacePermissions,
+	// (includeTeamGroups, or the listed teamGroups), then "workspace:permission" (getWorkspacePermissions,
 	// one of owner, create-project, collaborator, member). No duplicates.
 	Groups []string `protobuf:"bytes,6,rep,name=groups,proto3" json:"groups,omitempty"`
 	// Opaque, sealed connector state ("v1." prefix). Store it and send it back

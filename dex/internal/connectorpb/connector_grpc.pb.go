@@ -61,14 +61,18 @@ type ConnectorServiceClient interface {
 	// UNAUTHENTICATED (the user denied access, the code was rejected, or the API
 	// answered 401); FAILED_PRECONDITION (no confirmed primary email);
 	// PERMISSION_DENIED (not in any of the configured teams); UNAVAILABLE
-	// (Bitbucket unreachable, 5xx or 429 after retries); INTERNAL (Bitbucket
-	// answered something unparseable); DEADLINE_EXCEEDED.
+	// (Bitbucket unreachable or 5xx after retries: reason UPSTREAM_UNAVAILABLE;
+	// Bitbucket's rate limit, a 429 or that resource's breaker still open:
+	// reason UPSTREAM_RATE_LIMITED, ErrorInfo metadata `retry_after_seconds`);
+	// INTERNAL (Bitbucket answered something unparseable); DEADLINE_EXCEEDED.
 	HandleCallback(ctx context.Context, in *HandleCallbackRequest, opts ...grpc.CallOption) (*HandleCallbackResponse, error)
 	// Refresh re-checks a user with the tokens sealed in identity.connector_data:
 	// the access token is reused while valid, else the refresh token is redeemed
 	// (Bitbucket rotates it on every use). The user, email and groups are read
-	// again. The response always carries connector_data; the host must store it,
-	// replacing what it had.
+	// again, unless refreshCacheTTL is set and the identity was computed within
+	// it while the access token is still valid: then it is answered as computed,
+	// without asking Bitbucket. The response always carries connector_data; the
+	// host must store it, replacing what it had.
 	//
 	// Errors: INVALID_ARGUMENT (connector_data unreadable or tampered);
 	// UNAUTHENTICATED with reason TOKEN_REVOKED (the grant is gone: the user must
@@ -136,14 +140,18 @@ type ConnectorServiceServer interface {
 	// UNAUTHENTICATED (the user denied access, the code was rejected, or the API
 	// answered 401); FAILED_PRECONDITION (no confirmed primary email);
 	// PERMISSION_DENIED (not in any of the configured teams); UNAVAILABLE
-	// (Bitbucket unreachable, 5xx or 429 after retries); INTERNAL (Bitbucket
-	// answered something unparseable); DEADLINE_EXCEEDED.
+	// (Bitbucket unreachable or 5xx after retries: reason UPSTREAM_UNAVAILABLE;
+	// Bitbucket's rate limit, a 429 or that resource's breaker still open:
+	// reason UPSTREAM_RATE_LIMITED, ErrorInfo metadata `retry_after_seconds`);
+	// INTERNAL (Bitbucket answered something unparseable); DEADLINE_EXCEEDED.
 	HandleCallback(context.Context, *HandleCallbackRequest) (*HandleCallbackResponse, error)
 	// Refresh re-checks a user with the tokens sealed in identity.connector_data:
 	// the access token is reused while valid, else the refresh token is redeemed
 	// (Bitbucket rotates it on every use). The user, email and groups are read
-	// again. The response always carries connector_data; the host must store it,
-	// replacing what it had.
+	// again, unless refreshCacheTTL is set and the identity was computed within
+	// it while the access token is still valid: then it is answered as computed,
+	// without asking Bitbucket. The response always carries connector_data; the
+	// host must store it, replacing what it had.
 	//
 	// Errors: INVALID_ARGUMENT (connector_data unreadable or tampered);
 	// UNAUTHENTICATED with reason TOKEN_REVOKED (the grant is gone: the user must
