@@ -94,7 +94,12 @@ func (s *service) set(err error, block chan struct{}) {
 
 func startService(t *testing.T, addr string) (*service, string, func()) {
 	t.Helper()
-	l, err := net.Listen("tcp", addr)
+	return serveOn(t, "tcp", addr)
+}
+
+func serveOn(t *testing.T, network, addr string) (*service, string, func()) {
+	t.Helper()
+	l, err := net.Listen(network, addr)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -341,15 +346,8 @@ func TestOpenRejectsBadConfigs(t *testing.T) {
 
 func TestUnixSocketAddresses(t *testing.T) {
 	sock := t.TempDir() + "/svc.sock"
-	l, err := net.Listen("unix", sock)
-	if err != nil {
-		t.Fatal(err)
-	}
-	svc := &service{}
-	gs := grpc.NewServer()
-	pb.RegisterConnectorServiceServer(gs, svc)
-	go func() { _ = gs.Serve(l) }()
-	defer gs.Stop()
+	_, _, stop := serveOn(t, "unix", sock)
+	defer stop()
 
 	b := open(t, Config{Addr: "unix:" + sock})
 	if _, _, err := b.LoginURL(dexconnector.Scopes{}, "cb", "s"); err != nil {
