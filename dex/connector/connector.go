@@ -221,7 +221,7 @@ func (b *bitbucketConnector) LoginURL(s dexconnector.Scopes, callbackURL, state 
 		return err
 	})
 	if err != nil {
-		return "", nil, b.fail("LoginURL", err)
+		return "", nil, fromRPC("LoginURL", err)
 	}
 	return resp.GetUrl(), resp.GetConnectorData(), nil
 }
@@ -241,7 +241,7 @@ func (b *bitbucketConnector) HandleCallback(s dexconnector.Scopes, connData []by
 		return err
 	})
 	if err != nil {
-		return dexconnector.Identity{}, b.fail("HandleCallback", err)
+		return dexconnector.Identity{}, fromRPC("HandleCallback", err)
 	}
 	if resp.GetIdentity() == nil {
 		return dexconnector.Identity{}, errors.New("bitbucket-connector: HandleCallback answered no identity")
@@ -263,7 +263,7 @@ func (b *bitbucketConnector) Refresh(ctx context.Context, s dexconnector.Scopes,
 		return err
 	})
 	if err != nil {
-		return id, b.fail("Refresh", err)
+		return id, fromRPC("Refresh", err)
 	}
 	if resp.GetIdentity() == nil {
 		return id, errors.New("bitbucket-connector: Refresh answered no identity")
@@ -283,7 +283,7 @@ func (b *bitbucketConnector) call(ctx context.Context, rpc func(context.Context,
 	b.conn.ResetConnectBackoff()
 	retry, cancel := context.WithTimeout(ctx, reconnectWait)
 	defer cancel()
-	if err2 := rpc(retry, grpc.WaitForReady(true)); err2 == nil || !isStatus(err2, codes.DeadlineExceeded) {
+	if err2 := rpc(retry, grpc.WaitForReady(true)); status.Code(err2) != codes.DeadlineExceeded {
 		return err2
 	}
 	return err
@@ -294,14 +294,6 @@ func (b *bitbucketConnector) call(ctx context.Context, rpc func(context.Context,
 func unreachable(err error) bool {
 	st, ok := status.FromError(err)
 	return ok && st.Code() == codes.Unavailable && len(st.Details()) == 0
-}
-
-func isStatus(err error, code codes.Code) bool {
-	return status.Code(err) == code
-}
-
-func (b *bitbucketConnector) fail(method string, err error) error {
-	return fromRPC(method, err)
 }
 
 func scopes(s dexconnector.Scopes) *pb.Scopes {
