@@ -185,6 +185,16 @@ class Service:
     def logs(self):
         return self.p.logs()
 
+    def wait_log(self, predicate, timeout=10.0):
+        """The log lines once one satisfies `predicate`: the service writes
+        its log from a thread of its own, a moment after it answered."""
+        deadline = time.monotonic() + timeout
+        while True:
+            lines = self.log_lines()
+            if any(predicate(line) for line in lines) or time.monotonic() > deadline:
+                return lines
+            time.sleep(0.05)
+
     def log_lines(self):
         out = []
         for line in self.logs().splitlines():

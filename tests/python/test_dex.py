@@ -97,8 +97,10 @@ def test_a_user_outside_teams_gets_dexs_403_and_the_service_logs_the_reason(stac
         rp.login("bob")  # bob is only in wonderland
 
     assert e.value.response.status_code == 403
-    refused = [line for line in s.service.log_lines()
-               if line.get("rpc") == "HandleCallback" and line.get("code") == "PERMISSION_DENIED"]
+    def denied(line):
+        return line.get("rpc") == "HandleCallback" and line.get("code") == "PERMISSION_DENIED"
+
+    refused = [line for line in s.service.wait_log(denied) if denied(line)]
     assert [line.get("reason") for line in refused] == ["NOT_IN_REQUIRED_TEAMS"], s.service.logs()
     # alice is in looking-glass: her login works, with that workspace only.
     claims = rp.claims(rp.login("alice")["id_token"])
@@ -146,14 +148,18 @@ def test_dex_and_the_service_over_mtls_with_a_bearer_token(stack, pki):
     s.start_dex(connector_config=s.our_connector(tls + "authToken: wrong"))
     with pytest.raises(LoginFailed):
         s.rp().login("alice")
-    assert "UNAUTHENTICATED" in s.service.logs(), s.service.logs()
+    assert any(line.get("code") == "UNAUTHENTICATED"
+               for line in s.service.wait_log(lambda line: line.get("code") == "UNAUTHENTICATED")), s.service.logs()
     s.dex.stop()
 
     no_cert = f"rootCA: {pki}/server-ca.crt\nserverName: localhost\nauthToken: tok-123\n"
     s.start_dex(connector_config=s.our_connector(no_cert))
     with pytest.raises(LoginFailed):
         s.rp().login("alice")
-    assert "certificate" in s.service.logs().lower(), s.service.logs()
+    def handshake_refused(line):
+        return line.get("message") == "TLS handshake refused"
+
+    assert any(handshake_refused(line) for line in s.service.wait_log(handshake_refused)), s.service.logs()
 
 
 def connector_data(db):
