@@ -42,16 +42,6 @@ fn both_group_options(setup: Setup) -> Setup {
         .connector("getWorkspacePermissions: true")
 }
 
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 #[tokio::test]
 async fn a_cold_login_asks_permissions_only_where_administrator_does_not_answer() {
     let env = both_group_options(Setup::default()).start().await;

@@ -291,6 +291,17 @@ impl Drop for Env {
 }
 
 /// The ErrorInfo reason of a status.
+/// The value of one sample line of the Prometheus text, if present.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines().find_map(|l| {
+        l.strip_prefix(sample)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
 pub fn reason(s: &tonic::Status) -> String {
     use tonic_types::StatusExt as _;
     s.get_details_error_info()

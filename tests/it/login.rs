@@ -29,17 +29,6 @@ fn assert_status(err: &tonic::Status, code: Code, why: &str) {
     assert_eq!(reason(err), why, "{err:?}");
 }
 
-/// The value of one sample line of the Prometheus text, if present.
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 // ---------------------------------------------------------------------------
 // Identity
 

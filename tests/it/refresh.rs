@@ -53,17 +53,6 @@ fn text(data: &[u8]) -> String {
     String::from_utf8_lossy(data).into_owned()
 }
 
-/// The value of one sample line of the Prometheus text, if present.
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 /// A Refresh on an explicit connector id.
 async fn refresh_on(
     env: &Env,

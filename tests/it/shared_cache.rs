@@ -202,16 +202,6 @@ fn group_and_permission_hits(fake: &FakeBitbucket) -> (u64, u64) {
     (fake.hits(Endpoint::Groups), fake.hits(Endpoint::Permission))
 }
 
-fn metric(text: &str, sample: &str) -> Option<f64> {
-    text.lines().find_map(|l| {
-        l.strip_prefix(sample)?
-            .strip_prefix(' ')?
-            .trim()
-            .parse()
-            .ok()
-    })
-}
-
 #[tokio::test]
 async fn a_second_process_on_the_same_redis_serves_a_login_without_group_or_permission_calls() {
     let redis = Redis::start().await;
