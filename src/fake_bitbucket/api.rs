@@ -369,6 +369,23 @@ enum Caller {
     User(String),
 }
 
+/// Who calls API 1.0's groups: an admin credential (HTTP Basic) or a user's
+/// access token.
+fn legacy_caller(st: &ServerState, headers: &HeaderMap) -> Result<Caller, ApiError> {
+    if let Some((user, pass)) = basic_credentials(headers) {
+        return match st
+            .fixture
+            .admins
+            .iter()
+            .find(|a| a.username == user && a.password == pass)
+        {
+            Some(a) => Ok(Caller::Admin(a.workspaces.clone())),
+            None => Err(ApiError(StatusCode::UNAUTHORIZED, "Invalid credentials")),
+        };
+    }
+    bearer_user(st, headers).map(Caller::User)
+}
+
 pub(super) async fn legacy_groups(
     AxState(shared): St,
     Path(workspace): Path<String>,
@@ -378,21 +395,9 @@ pub(super) async fn legacy_groups(
         return resp;
     }
     let st = shared.lock();
-    let caller = if let Some((user, pass)) = basic_credentials(req.headers()) {
-        match st
-            .fixture
-            .admins
-            .iter()
-            .find(|a| a.username == user && a.password == pass)
-        {
-            Some(a) => Caller::Admin(a.workspaces.clone()),
-            None => return api_error(StatusCode::UNAUTHORIZED, "Invalid credentials"),
-        }
-    } else {
-        match bearer_user(&st, req.headers()) {
-            Ok(uuid) => Caller::User(uuid),
-            Err(e) => return e.into_response(),
-        }
+    let caller = match legacy_caller(&st, req.headers()) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
     };
     let Some(ws) = st.workspace(&workspace) else {
         return api_error(StatusCode::NOT_FOUND, "Workspace not found");
@@ -465,21 +470,9 @@ pub(super) async fn legacy_group_filter(AxState(shared): St, req: Request) -> Re
         return resp;
     }
     let st = shared.lock();
-    let caller = if let Some((user, pass)) = basic_credentials(req.headers()) {
-        match st
-            .fixture
-            .admins
-            .iter()
-            .find(|a| a.username == user && a.password == pass)
-        {
-            Some(a) => Caller::Admin(a.workspaces.clone()),
-            None => return api_error(StatusCode::UNAUTHORIZED, "Invalid credentials"),
-        }
-    } else {
-        match bearer_user(&st, req.headers()) {
-            Ok(uuid) => Caller::User(uuid),
-            Err(e) => return e.into_response(),
-        }
+    let caller = match legacy_caller(&st, req.headers()) {
+        Ok(c) => c,
+        Err(e) => return e.into_response(),
     };
     let query = req.uri().query().unwrap_or_default();
     let mut out = Vec::new();
