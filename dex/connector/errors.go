@@ -1,7 +1,6 @@
 package connector
 
 import (
-	"errors"
 	"fmt"
 
 	dexconnector "github.com/dexidp/dex/connector"
@@ -65,11 +64,3 @@ type notInTeams struct {
 }
 
 func (e *notInTeams) Unwrap() []error { return []error{e.ServiceError, e.groups} }
-
-var _ interface{ Unwrap() []error } = (*notInTeams)(nil)
-
-// IsNotInRequiredGroups reports whether err is dex's "not in required groups".
-func IsNotInRequiredGroups(err error) bool {
-	var g *dexconnector.UserNotInRequiredGroupsError
-	return errors.As(err, &g)
-}

@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"sync"
 	"syscall"
 	"time"
 
@@ -35,6 +36,42 @@ var defaultGrantTypes = []string{
 	"refresh_token",
 	"urn:ietf:params:oauth:grant-type:device_code",
 	"urn:ietf:params:oauth:grant-type:token-exchange",
+}
+
+// readiness answers 200 while the last storage check (run now, then every
+// `every`, as dex's own health checker does) passed, else 503 with its error.
+func readiness(ctx context.Context, check func(context.Context) (any, error), every time.Duration) http.Handler {
+	var mu sync.Mutex
+	var last error
+	run := func() {
+		_, err := check(ctx)
+		mu.Lock()
+		last = err
+		mu.Unlock()
+	}
+	run()
+	go func() {
+		t := time.NewTicker(every)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return
+			case <-t.C:
+				run()
+			}
+		}
+	}()
+	return http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		mu.Lock()
+		err := last
+		mu.Unlock()
+		if err != nil {
+			http.Error(w, "storage: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
+		_, _ = w.Write([]byte("ok"))
+	})
 }
 
 func newLogger(c Logger) *slog.Logger {
@@ -202,7 +239,7 @@ func serve(c *Config) error {
 		mux := http.NewServeMux()
 		mux.Handle("/metrics", promhttp.HandlerFor(registry, promhttp.HandlerOpts{}))
 		mux.HandleFunc("/healthz/live", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
-		mux.HandleFunc("/healthz/ready", func(w http.ResponseWriter, _ *http.Request) { _, _ = w.Write([]byte("ok")) })
+		mux.Handle("/healthz/ready", readiness(ctx, storage.NewCustomHealthCheckFunc(store, now), 15*time.Second))
 		if err := listen("telemetry.http", c.Telemetry.HTTP, mux, nil); err != nil {
 			return err
 		}
