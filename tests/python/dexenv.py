@@ -129,7 +129,7 @@ class Fake:
 
 
 def service_config(fake, grpc_addr, redirect_uri, *, teams=None, groups=True,
-                   accept_dex_plaintext=False, tls=None, auth_token=None, telemetry=None, extra=""):
+                   accept_dex_plaintext=False, tls=None, auth_token=None, extra=""):
     lines = [
         "grpc:",
         f"  addr: {grpc_addr}",
@@ -139,8 +139,6 @@ def service_config(fake, grpc_addr, redirect_uri, *, teams=None, groups=True,
                   f"  tlsClientCA: {tls}/client-ca.crt"]
     if auth_token:
         lines += [f"  authTokens: [{auth_token}]"]
-    if telemetry:
-        lines += ["telemetry:", f"  http: {telemetry}"]
     lines += [
         "logger:", "  level: info", "  format: json",
         "connectorData:", f"  keys: [{DATA_KEY}]",

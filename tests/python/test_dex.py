@@ -10,7 +10,7 @@ import time
 import pytest
 import requests
 
-from dexenv import ALICE_UUID, DEX_BIN, LoginFailed, Stack, decode_sub, make_ca, make_cert
+from dexenv import ALICE_UUID, DEX_BIN, BitbucketProxy, LoginFailed, Stack, decode_sub, make_ca, make_cert
 
 if not os.path.exists(DEX_BIN):
     raise RuntimeError(f"{DEX_BIN} is not built: scripts/test builds it "
@@ -215,7 +215,7 @@ def test_parity_with_dexs_built_in_connector(stack):
 
 def test_the_proxy_refuses_every_host_but_bitbuckets(stack):
     s = stack(start_service=False)
-    s.start_builtin_dex()
+    s.proxy = BitbucketProxy(s.tmp, s.fake.port)
     with pytest.raises(requests.exceptions.ProxyError):
         requests.get("https://example.com/", proxies={"https": s.proxy.url}, verify=s.proxy.ca, timeout=5)
     assert [r.rsplit(" ", 1)[0] for r in s.proxy.refused] == ["CONNECT example.com:443"]
