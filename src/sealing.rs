@@ -1,38 +1,17 @@
-//! Connector data: what the host identity server stores for us between a login
-//! and a refresh, sealed with the operator's `connectorData.keys`.
-//!
-//! # Format (`v1`)
+//! Connector data: the upstream tokens the host stores between a login and a
+//! refresh, sealed with `connectorData.keys` (the first seals, every key opens;
+//! with `acceptDexPlaintext` dex's unsealed `{"accessToken","refreshToken","expiry"}`
+//! opens too). The `v1` format, which sealed data already stored depends on:
 //!
 //! ```text
 //! "v1." base64url-no-pad( key id (4) ‖ nonce (24) ‖ XChaCha20-Poly1305 ciphertext+tag )
 //! ```
 //!
-//! - key id: the first 4 bytes of `SHA-256("bitbucket-connector/key-id/v1" ‖ key)`,
-//!   so opening picks the key without trial decryption;
-//! - nonce: 24 fresh random bytes from the OS for every seal;
-//! - associated data: the connector id, so data sealed for one connector never
-//!   opens for another;
-//! - plaintext: JSON `{"a": access, "r": refresh?, "e": expiry?, "n": nanos?, "u": uuid?}`
-//!   where `e` is the expiry in whole Unix seconds (floor, may be negative) or
-//!   `null` for "never expires", and `n` the nanoseconds within that second
-//!   (omitted when 0), so the expiry round-trips exactly.
-//!
-//! The first configured key seals; every configured key opens. With
-//! `acceptDexPlaintext`, dex's own unsealed JSON
-//! `{"accessToken","refreshToken","expiry"}` opens too.
-//!
-//! Nothing here ever prints a token, a key or the data: errors carry static
-//! messages only, and `Debug` of [`Tokens`] and [`Sealer`] redacts.
-//!
-//! # Fuzzing
-//!
-//! [`fuzz_open`] is the entry point for a cargo-fuzz target (not set up):
-//!
-//! ```ignore
-//! // fuzz/fuzz_targets/open.rs
-//! #![no_main]
-//! libfuzzer_sys::fuzz_target!(|data: &[u8]| bitbucket_connector::sealing::fuzz_open(data));
-//! ```
+//! key id = the first 4 bytes of `SHA-256("bitbucket-connector/key-id/v1" ‖ key)`;
+//! a fresh random nonce per seal; the connector id as associated data; plaintext
+//! `{"a": access, "r": refresh?, "e": expiry?, "n": nanos?, "u": uuid?}` with `e`
+//! in whole Unix seconds (floor; `null`: never expires) and `n` the nanoseconds
+//! within it (omitted when 0). Errors and `Debug` never show a token or a key.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -45,6 +24,9 @@ use rand::rngs::OsRng;
 use rand::TryRngCore as _;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use time::format_description::well_known::Rfc3339;
+use time::macros::datetime;
+use time::OffsetDateTime;
 
 use crate::config::DataKey;
 use crate::secret::Secret;
@@ -58,8 +40,8 @@ const KEY_ID_LABEL: &[u8] = b"bitbucket-connector/key-id/v1";
 const KEY_ID_LEN: usize = 4;
 const NONCE_LEN: usize = 24;
 const TAG_LEN: usize = 16;
-/// Go's zero `time.Time` (`0001-01-01T00:00:00Z`) in Unix seconds.
-const GO_ZERO_TIME_UNIX: i64 = -62_135_596_800;
+/// Go's zero `time.Time`.
+const GO_ZERO_TIME: OffsetDateTime = datetime!(0001-01-01 00:00 UTC);
 
 /// The upstream tokens kept in connector data.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -413,12 +395,13 @@ fn open_dex_plaintext(data: &[u8]) -> Result<Tokens, OpenError> {
     let mut expiry = match obj.get("expiry") {
         None | Some(Value::Null) => None,
         Some(Value::String(s)) => {
-            let (secs, nanos) =
-                parse_rfc3339(s.as_bytes()).ok_or(bad("expiry is not an RFC 3339 time"))?;
-            if (secs, nanos) == (GO_ZERO_TIME_UNIX, 0) {
+            let t = parse_rfc3339(s).ok_or(bad("expiry is not an RFC 3339 time"))?;
+            // Go's zero time, at any offset, is dex's "never expires".
+            if t == GO_ZERO_TIME {
                 None
             } else {
-                Some(system_time_from_unix(secs, nanos).ok_or(bad("expiry out of range"))?)
+                let at = system_time_from_unix(t.unix_timestamp(), t.nanosecond());
+                Some(at.ok_or(bad("expiry out of range"))?)
             }
         }
         Some(_) => return Err(bad("expiry is not a string")),
@@ -437,88 +420,18 @@ fn open_dex_plaintext(data: &[u8]) -> Result<Tokens, OpenError> {
     })
 }
 
-/// Parses an RFC 3339 time as Go's `time.Parse(time.RFC3339Nano, s)` fast path
-/// does (the path every string written by Go's `Time.MarshalJSON` takes):
-/// `YYYY-MM-DDTHH:MM:SS[.fraction](Z|±HH:MM)`, upper-case `T` and `Z` only,
-/// year 0000-9999, real calendar days, no leap second, offset hours 00-23;
-/// fraction digits beyond nanoseconds are truncated. Go's lenient fallback
-/// (one-digit hour, `,` before the fraction, offsets like `+24:00`) is not
-/// followed: Go never writes those. Returns Unix seconds (floor) and nanos.
-fn parse_rfc3339(s: &[u8]) -> Option<(i64, u32)> {
-    fn num(s: &[u8], min: i64, max: i64) -> Option<i64> {
-        if s.is_empty() || !s.iter().all(u8::is_ascii_digit) {
-            return None;
-        }
-        let v = s.iter().fold(0i64, |v, d| v * 10 + i64::from(d - b'0'));
-        (min..=max).contains(&v).then_some(v)
-    }
-    let (date_time, rest) = s.split_first_chunk::<19>()?;
-    let [y0, y1, y2, y3, b'-', mo0, mo1, b'-', d0, d1, b'T', h0, h1, b':', mi0, mi1, b':', s0, s1] =
-        *date_time
-    else {
-        return None;
-    };
-    let year = num(&[y0, y1, y2, y3], 0, 9999)?;
-    let month = num(&[mo0, mo1], 1, 12)?;
-    let day = num(&[d0, d1], 1, days_in_month(year, month))?;
-    let hour = num(&[h0, h1], 0, 23)?;
-    let minute = num(&[mi0, mi1], 0, 59)?;
-    let second = num(&[s0, s1], 0, 59)?;
-
-    let mut rest = rest;
-    let mut nanos = 0u32;
-    if let [b'.', d, ..] = rest {
-        if d.is_ascii_digit() {
-            let len = 1 + rest[1..].iter().take_while(|b| b.is_ascii_digit()).count();
-            let digits = rest.get(1..len)?;
-            for i in 0..9 {
-                let d = digits.get(i).map_or(0, |d| u32::from(d - b'0'));
-                nanos = nanos * 10 + d;
-            }
-            rest = rest.get(len..)?;
-        }
-    }
-    let offset = match *rest {
-        [b'Z'] => 0,
-        [sign @ (b'+' | b'-'), oh0, oh1, b':', om0, om1] => {
-            let off = num(&[oh0, oh1], 0, 23)? * 3600 + num(&[om0, om1], 0, 59)? * 60;
-            if sign == b'-' {
-                -off
-            } else {
-                off
-            }
-        }
-        _ => return None,
-    };
-    let days = days_from_civil(year, month, day);
-    Some((
-        days * 86_400 + hour * 3600 + minute * 60 + second - offset,
-        nanos,
-    ))
-}
-
-fn is_leap(year: i64) -> bool {
-    year % 4 == 0 && (year % 100 != 0 || year % 400 == 0)
-}
-
-fn days_in_month(year: i64, month: i64) -> i64 {
-    match month {
-        2 if is_leap(year) => 29,
-        2 => 28,
-        4 | 6 | 9 | 11 => 30,
-        _ => 31,
-    }
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (H. Hinnant's algorithm).
-fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
-    let y = if month <= 2 { year - 1 } else { year };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (month + 9) % 12; // March = 0
-    let doy = (153 * mp + 2) / 5 + day - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
+/// An RFC 3339 time as Go's `time.Parse(time.RFC3339Nano, s)` fast path reads
+/// it (the path every string written by Go's `Time.MarshalJSON` takes): `time`'s
+/// RFC 3339 parser (year 0000-9999, real calendar days, offset hours 00-23,
+/// fraction digits beyond nanoseconds truncated), narrowed to what Go writes:
+/// an upper-case `T` and `Z`, and no leap second (`time` accepts any separator,
+/// `z`, and `:60`).
+fn parse_rfc3339(s: &str) -> Option<OffsetDateTime> {
+    let go_writes =
+        s.as_bytes().get(10) == Some(&b'T') && !s.ends_with('z') && s.get(17..19) != Some("60");
+    go_writes
+        .then(|| OffsetDateTime::parse(s, &Rfc3339).ok())
+        .flatten()
 }
 
 /// Unix seconds (floor) and nanoseconds within that second.
@@ -544,20 +457,6 @@ fn system_time_from_unix(secs: i64, nanos: u32) -> Option<SystemTime> {
         UNIX_EPOCH.checked_sub(whole)?
     };
     base.checked_add(Duration::from_nanos(u64::from(nanos)))
-}
-
-/// Entry point for a cargo-fuzz target (see the module docs): opens `data`
-/// with fixed keys, both with and without dex plaintext, and parses it as an
-/// RFC 3339 time. Must never panic; sealed data must never open.
-#[doc(hidden)]
-pub fn fuzz_open(data: &[u8]) {
-    let keys = [DataKey([7; 32]), DataKey([9; 32])];
-    for accept_dex in [false, true] {
-        if let Ok(sealer) = Sealer::new(&keys, accept_dex) {
-            let _ = sealer.open("bitbucket-cloud", data);
-        }
-    }
-    let _ = parse_rfc3339(data);
 }
 
 #[cfg(test)]
@@ -623,6 +522,32 @@ mod tests {
         };
         let sealed = s.seal("x", &minimal).unwrap();
         assert_eq!(s.open("x", &sealed), Ok((minimal, Origin::Current)));
+    }
+
+    /// [`tokens`] in `v1` as earlier builds stored it: key(1), connector "c",
+    /// a zero nonce. Stored data must keep opening, and seal the same payload.
+    const GOLDEN: &str = "v1.NxxLNgAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAG5z9vd6QzSdGiEfkfQdzmlL75G71zxCaNA5ggVH41qZxVc_blL1k2dqWT9TUdef0Dyyk2fvGR1ZCdgBzkPu2ohLgqWnC5N2iVCXxaNrk-hs2jpAPFpu1tNLaa2RQpNUdxpEab5RMlVuCp3G_t4Ou7i3g4HtAIyYwmonJjRpYM25x-lbrecWMfvhsmNBP5ab7okGLSugcsbXUgo1P6l_2v3gUq-XCzikAHM0KFoan-f6g0P_lMxyBtvLcRwZIP6cWyLp9KZjuDjLtss";
+    const GOLDEN_PLAINTEXT: &str = r#"{"a":"access-token-QUJDREVGR0hJSktMTU5PUFFSU1RVVldYWVo","r":"refresh-token-c2VjcmV0LXJlZnJlc2gtdG9rZW4tdmFsdWU","e":1777629600,"n":123456789,"u":"{6f0c3a52-1111-2222-3333-444455556666}"}"#;
+
+    #[test]
+    fn data_sealed_by_earlier_builds_still_opens() {
+        let s = sealer(&[1], false);
+        let opened = s.open("c", GOLDEN.as_bytes());
+        assert_eq!(opened, Ok((tokens(), Origin::Current)));
+
+        let sealed = s.seal("c", &tokens()).unwrap();
+        let raw = URL_SAFE_NO_PAD.decode(&sealed[3..]).unwrap();
+        let plaintext = SealKey::new(&key(1))
+            .aead
+            .decrypt(
+                XNonce::from_slice(&raw[4..28]),
+                Payload {
+                    msg: &raw[28..],
+                    aad: b"c",
+                },
+            )
+            .unwrap();
+        assert_eq!(String::from_utf8(plaintext).unwrap(), GOLDEN_PLAINTEXT);
     }
 
     #[test]
@@ -864,8 +789,11 @@ mod tests {
     }
 
     fn rfc(s: &str) -> Option<(i64, u32)> {
-        parse_rfc3339(s.as_bytes())
+        parse_rfc3339(s).map(|t| (t.unix_timestamp(), t.nanosecond()))
     }
+
+    /// Go's zero time in Unix seconds.
+    const GO_ZERO_TIME_UNIX: i64 = -62_135_596_800;
 
     #[test]
     fn rfc3339_valid() {
@@ -949,6 +877,19 @@ mod tests {
     }
 
     #[test]
+    fn rfc3339_refuses_what_go_never_writes_though_time_reads_it() {
+        for s in [
+            "2016-12-31T23:59:60Z",
+            "2026-05-01t10:00:00Z",
+            "2026-05-01 10:00:00Z",
+            "2026-05-01T10:00:00z",
+        ] {
+            assert!(OffsetDateTime::parse(s, &Rfc3339).is_ok(), "{s:?}");
+            assert_eq!(rfc(s), None, "{s:?}");
+        }
+    }
+
+    #[test]
     fn debug_and_errors_show_no_secret() {
         let key_b64 = URL_SAFE_NO_PAD.encode([1u8; 32]);
         let key_std = base64::engine::general_purpose::STANDARD.encode([1u8; 32]);
@@ -993,41 +934,27 @@ mod tests {
     }
 
     #[test]
-    fn fuzz_entry_point_survives_samples() {
-        let s = sealer(&[7], false);
-        let sealed = s.seal("bitbucket-cloud", &tokens()).unwrap();
-        for d in [&sealed[..], b"", b"{}", b"v1.", b"2026-05-01T10:00:00Z"] {
-            fuzz_open(d);
+    fn odd_samples_open_only_when_sealed() {
+        let sealed = sealer(&[7], false)
+            .seal("bitbucket-cloud", &tokens())
+            .unwrap();
+        for accept_dex in [false, true] {
+            let s = Sealer::new(&[key(7), key(9)], accept_dex).unwrap();
+            assert!(s.open("bitbucket-cloud", &sealed).is_ok());
+            for d in [b"" as &[u8], b"{}", b"v1.", b"2026-05-01T10:00:00Z"] {
+                let opened = s.open("bitbucket-cloud", d);
+                assert!(opened.is_err(), "{}", String::from_utf8_lossy(d));
+            }
         }
     }
 
-    /// Formats like Go's `Time.Format(time.RFC3339Nano)` in UTC (test helper).
+    /// `secs.nanos` as Go's `Time.Format(time.RFC3339Nano)` writes it in UTC.
     fn format_rfc3339_nano(secs: i64, nanos: u32) -> String {
-        let days = secs.div_euclid(86_400);
-        let sod = secs.rem_euclid(86_400);
-        let z = days + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        let y = yoe + era * 400 + i64::from(m <= 2);
-        let mut frac = if nanos == 0 {
-            String::new()
-        } else {
-            format!(".{nanos:09}")
-        };
-        while frac.ends_with('0') {
-            frac.pop();
-        }
-        format!(
-            "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}{frac}Z",
-            sod / 3600,
-            sod % 3600 / 60,
-            sod % 60
-        )
+        let t = OffsetDateTime::from_unix_timestamp(secs).unwrap();
+        t.replace_nanosecond(nanos)
+            .unwrap()
+            .format(&Rfc3339)
+            .unwrap()
     }
 
     fn arb_tokens() -> impl Strategy<Value = Tokens> {
@@ -1093,13 +1020,13 @@ mod tests {
             nanos in 0u32..1_000_000_000,
         ) {
             let s = format_rfc3339_nano(secs, nanos);
-            prop_assert_eq!(parse_rfc3339(s.as_bytes()), Some((secs, nanos)), "{}", s);
+            prop_assert_eq!(rfc(&s), Some((secs, nanos)), "{}", s);
         }
 
         #[test]
         fn fuzz_rfc3339_never_panics(s in "\\PC{0,40}", b in proptest::collection::vec(any::<u8>(), 0..40)) {
-            let _ = parse_rfc3339(s.as_bytes());
-            let _ = parse_rfc3339(&b);
+            let _ = parse_rfc3339(&s);
+            let _ = parse_rfc3339(&String::from_utf8_lossy(&b));
         }
     }
 }
