@@ -17,7 +17,7 @@ use std::time::Duration;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::metrics::Metrics;
+use crate::metrics::{Cache, CacheResult, Metrics};
 use crate::secret::Secret;
 
 /// Longest wait for Redis per operation: beyond it the in-process cache
@@ -192,7 +192,7 @@ impl Weigh for bool {
 
 /// A TTL cache with hit/miss/error metrics under `name`.
 pub struct TtlCache<K, V> {
-    name: &'static str,
+    name: Cache,
     ttl: Duration,
     inner: Option<moka::sync::Cache<K, V>>,
     /// Redis, and this cache's key prefix there (`bbc:{connector}:{name}:`).
@@ -207,16 +207,17 @@ where
 {
     /// Shares this cache through Redis under `bbc:{connector_id}:{name}:`.
     pub fn shared(mut self, shared: Option<Arc<SharedCache>>, connector_id: &str) -> Self {
-        self.shared = shared.map(|s| (s, format!("bbc:{connector_id}:{}:", self.name)));
+        let name: &str = self.name.into();
+        self.shared = shared.map(|s| (s, format!("bbc:{connector_id}:{name}:")));
         self
     }
 
-    pub fn new(name: &'static str, ttl: Duration, metrics: Metrics) -> Self {
+    pub fn new(name: Cache, ttl: Duration, metrics: Metrics) -> Self {
         Self::bounded(name, ttl, MAX_ENTRIES, MAX_BYTES, metrics)
     }
 
     pub fn bounded(
-        name: &'static str,
+        name: Cache,
         ttl: Duration,
         max_entries: u64,
         max_bytes: u64,
@@ -255,16 +256,14 @@ where
             match redis.get(&format!("{prefix}{}", key.shared_key())).await {
                 Ok(found) => {
                     let hit = found.and_then(|v| serde_json::from_str::<V>(&v).ok());
-                    self.metrics
-                        .cache(self.name, if hit.is_some() { "hit" } else { "miss" });
+                    self.metrics.cache(self.name, CacheResult::of(&hit));
                     return hit;
                 }
-                Err(()) => self.metrics.cache(self.name, "error"),
+                Err(()) => self.metrics.cache(self.name, CacheResult::error),
             }
         }
         let hit = inner.get(key);
-        self.metrics
-            .cache(self.name, if hit.is_some() { "hit" } else { "miss" });
+        self.metrics.cache(self.name, CacheResult::of(&hit));
         hit
     }
 
@@ -276,7 +275,7 @@ where
             if let Ok(v) = serde_json::to_string(&value) {
                 let k = format!("{prefix}{}", key.shared_key());
                 if redis.set(&k, &v, self.ttl).await.is_err() {
-                    self.metrics.cache(self.name, "error");
+                    self.metrics.cache(self.name, CacheResult::error);
                 }
             }
         }
@@ -318,7 +317,7 @@ mod tests {
     async fn entries_expire_after_the_ttl_and_count_hits_and_misses() {
         let m = Metrics::new();
         let c: TtlCache<String, String> =
-            TtlCache::new("permission", Duration::from_millis(50), m.clone());
+            TtlCache::new(Cache::permission, Duration::from_millis(50), m.clone());
         c.put("k".into(), "v".into()).await;
         assert_eq!(c.get(&"k".to_string()).await.as_deref(), Some("v"));
         tokio::time::sleep(Duration::from_millis(80)).await;
@@ -335,7 +334,7 @@ mod tests {
     #[tokio::test]
     async fn a_zero_ttl_is_off_and_asks_nothing() {
         let m = Metrics::new();
-        let c: TtlCache<String, String> = TtlCache::new("refresh", Duration::ZERO, m.clone());
+        let c: TtlCache<String, String> = TtlCache::new(Cache::refresh, Duration::ZERO, m.clone());
         c.put("k".into(), "v".into()).await;
         assert_eq!(c.get(&"k".to_string()).await, None);
         assert!(!c.enabled());
@@ -345,14 +344,19 @@ mod tests {
     #[tokio::test]
     async fn bounded_in_entries_and_in_bytes() {
         let m = Metrics::new();
-        let c: TtlCache<String, String> =
-            TtlCache::bounded("groups", Duration::from_secs(60), 100, 64 * 1024, m.clone());
+        let c: TtlCache<String, String> = TtlCache::bounded(
+            Cache::groups,
+            Duration::from_secs(60),
+            100,
+            64 * 1024,
+            m.clone(),
+        );
         for i in 0..1_000 {
             c.put(format!("k{i}"), "x".repeat(10)).await;
         }
         assert!(c.len() <= 100, "{} entries", c.len());
         let c: TtlCache<String, String> =
-            TtlCache::bounded("groups", Duration::from_secs(60), 100, 64 * 1024, m);
+            TtlCache::bounded(Cache::groups, Duration::from_secs(60), 100, 64 * 1024, m);
         for i in 0..100 {
             c.put(format!("k{i}"), "x".repeat(16 * 1024)).await;
         }

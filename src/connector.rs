@@ -16,7 +16,7 @@ use crate::bitbucket::types::{ApiEmail, ApiGroup, ApiGroupMember, ApiUser, ApiWo
 use crate::bitbucket::{self, Auth, Grant, UpstreamError};
 use crate::cache::{SharedCache, SharedKey, TtlCache, Weigh};
 use crate::config::{ConnectorConfig, TeamGroup};
-use crate::metrics::Metrics;
+use crate::metrics::{Cache, Metrics, Outcome, Reason};
 use crate::sealing::{OpenError, Origin, Sealer, Tokens};
 use crate::secret::Secret;
 
@@ -195,15 +195,15 @@ impl Connector {
             http,
         )?;
         Ok(Connector {
-            groups_cache: TtlCache::new("groups", cfg.team_groups_cache_ttl, metrics.clone())
+            groups_cache: TtlCache::new(Cache::groups, cfg.team_groups_cache_ttl, metrics.clone())
                 .shared(shared.clone(), &cfg.id),
             permission_cache: TtlCache::new(
-                "permission",
+                Cache::permission,
                 cfg.permission_cache_ttl,
                 metrics.clone(),
             )
             .shared(shared.clone(), &cfg.id),
-            refresh_cache: TtlCache::new("refresh", cfg.refresh_cache_ttl, metrics.clone())
+            refresh_cache: TtlCache::new(Cache::refresh, cfg.refresh_cache_ttl, metrics.clone())
                 .shared(shared, &cfg.id),
             cfg,
             client,
@@ -386,9 +386,9 @@ impl Connector {
         let shared = cell.get_or_init(|| async {
             let r = self.client.refresh(&rt, deadline).await;
             self.metrics.redemption(match &r {
-                Ok(_) => "ok",
-                Err(UpstreamError::Rejected { .. }) => "revoked",
-                Err(_) => "error",
+                Ok(_) => Outcome::ok,
+                Err(UpstreamError::Rejected { .. }) => Outcome::revoked,
+                Err(_) => Outcome::error,
             });
             r.map_err(|e| match e {
                 UpstreamError::Rejected { .. } => Error::TokenRevoked(e.to_string()),
@@ -958,12 +958,12 @@ enum GroupsOutcome {
 }
 
 /// The `team_groups_degraded_total` reason of an unreadable group list.
-fn degraded_reason(status: u16) -> &'static str {
+fn degraded_reason(status: u16) -> Reason {
     match status {
-        401 => "unauthorized",
-        403 => "forbidden",
-        404 => "not_found",
-        _ => "gone",
+        401 => Reason::unauthorized,
+        403 => Reason::forbidden,
+        404 => Reason::not_found,
+        _ => Reason::gone,
     }
 }
 

@@ -13,7 +13,9 @@ use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
 use crate::connector::{self, Connector, Connectors, Error, Scopes};
-use crate::metrics::{MethodLabels, Metrics, RpcLabels, UpstreamTally, UPSTREAM_CALLS};
+use crate::metrics::{
+    self, Method, MethodLabels, Metrics, RpcLabels, UpstreamTally, UPSTREAM_CALLS,
+};
 use crate::pb;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -253,12 +255,12 @@ fn refusal(s: Status) -> Status {
     }
 }
 
-fn method_of(path: &str) -> &'static str {
+fn method_of(path: &str) -> Method {
     match path.rsplit('/').next() {
-        Some("LoginURL") => "LoginURL",
-        Some("HandleCallback") => "HandleCallback",
-        Some("Refresh") => "Refresh",
-        _ => "unknown",
+        Some("LoginURL") => Method::LoginURL,
+        Some("HandleCallback") => Method::HandleCallback,
+        Some("Refresh") => Method::Refresh,
+        _ => Method::unknown,
     }
 }
 
@@ -267,7 +269,7 @@ fn method_of(path: &str) -> &'static str {
 struct Record {
     _in_flight: InFlight,
     metrics: Metrics,
-    method: &'static str,
+    method: Method,
     call: Call,
     request_id: String,
     started: std::time::Instant,
@@ -291,7 +293,7 @@ impl Record {
             .rpc_requests
             .get_or_create(&RpcLabels {
                 method,
-                code: code_name(code),
+                code: rpc_code(code),
             })
             .inc();
         metrics
@@ -317,7 +319,7 @@ impl Record {
         let request_id = tracing::field::display(self.request_id.as_str());
         let upstream_calls = self.call.0.upstream_calls.total();
         let upstream = tracing::field::display(self.call.0.upstream_calls.summary());
-        let rpc = tracing::field::display(method);
+        let rpc = tracing::field::display(<&str>::from(method));
         // `error: None` and `reason: None` record no field.
         let reason = reason.map(tracing::field::display);
         if error.is_some() && is_server_fault(code) {
@@ -629,24 +631,29 @@ pub fn into_status(e: &Error) -> Status {
 }
 
 pub fn code_name(code: Code) -> &'static str {
+    rpc_code(code).into()
+}
+
+fn rpc_code(code: Code) -> metrics::Code {
+    use metrics::Code as M;
     match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
+        Code::Ok => M::OK,
+        Code::Cancelled => M::CANCELLED,
+        Code::Unknown => M::UNKNOWN,
+        Code::InvalidArgument => M::INVALID_ARGUMENT,
+        Code::DeadlineExceeded => M::DEADLINE_EXCEEDED,
+        Code::NotFound => M::NOT_FOUND,
+        Code::AlreadyExists => M::ALREADY_EXISTS,
+        Code::PermissionDenied => M::PERMISSION_DENIED,
+        Code::ResourceExhausted => M::RESOURCE_EXHAUSTED,
+        Code::FailedPrecondition => M::FAILED_PRECONDITION,
+        Code::Aborted => M::ABORTED,
+        Code::OutOfRange => M::OUT_OF_RANGE,
+        Code::Unimplemented => M::UNIMPLEMENTED,
+        Code::Internal => M::INTERNAL,
+        Code::Unavailable => M::UNAVAILABLE,
+        Code::DataLoss => M::DATA_LOSS,
+        Code::Unauthenticated => M::UNAUTHENTICATED,
     }
 }
 

@@ -1,31 +1,112 @@
-//! Prometheus metrics. Labels never carry a user, a token or an id from a URL:
-//! upstream endpoints are templates, RPC codes are names.
+//! Prometheus metrics, as the contract's table lists them. Label values are
+//! closed sets: the enums below (a variant's name is the value a scraper sees)
+//! and endpoint templates, so no user, token or id from a URL becomes a label.
+//! `/metrics` serves prometheus-client's own encoders: the Prometheus text
+//! format, or OpenMetrics when the scraper asks for it.
 
 use std::sync::atomic::{AtomicI64, AtomicU64};
 use std::sync::Arc;
 
-use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::encoding::{prometheus_text, EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
+use strum::{IntoStaticStr, VariantArray};
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RpcLabels {
-    pub method: &'static str,
-    pub code: &'static str,
+const OPENMETRICS_CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// A ConnectorService method (`unknown`: a path that is none of them).
+#[allow(non_camel_case_types)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, IntoStaticStr, VariantArray,
+)]
+pub enum Method {
+    LoginURL,
+    HandleCallback,
+    Refresh,
+    unknown,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct MethodLabels {
-    pub method: &'static str,
+/// A gRPC status code by its canonical name.
+#[allow(non_camel_case_types, clippy::upper_case_acronyms)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, IntoStaticStr, VariantArray,
+)]
+pub enum Code {
+    OK,
+    CANCELLED,
+    UNKNOWN,
+    INVALID_ARGUMENT,
+    DEADLINE_EXCEEDED,
+    NOT_FOUND,
+    ALREADY_EXISTS,
+    PERMISSION_DENIED,
+    RESOURCE_EXHAUSTED,
+    FAILED_PRECONDITION,
+    ABORTED,
+    OUT_OF_RANGE,
+    UNIMPLEMENTED,
+    INTERNAL,
+    UNAVAILABLE,
+    DATA_LOSS,
+    UNAUTHENTICATED,
 }
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct UpstreamLabels {
-    pub endpoint: &'static str,
-    pub status: UpstreamStatus,
+/// Why a workspace's groups could not be read (`unauthorized`: teamGroupsAuth
+/// was rejected).
+#[allow(non_camel_case_types)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, IntoStaticStr, VariantArray,
+)]
+pub enum Reason {
+    forbidden,
+    not_found,
+    gone,
+    unauthorized,
+}
+
+/// A cache; also its key prefix in the shared cache.
+#[allow(non_camel_case_types)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, IntoStaticStr, VariantArray,
+)]
+pub enum Cache {
+    groups,
+    permission,
+    refresh,
+}
+
+/// A cache lookup's result (`error`: the shared cache failed).
+#[allow(non_camel_case_types)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, IntoStaticStr, VariantArray,
+)]
+pub enum CacheResult {
+    hit,
+    miss,
+    error,
+}
+
+impl CacheResult {
+    pub fn of<V>(found: &Option<V>) -> CacheResult {
+        match found {
+            Some(_) => CacheResult::hit,
+            None => CacheResult::miss,
+        }
+    }
+}
+
+/// How redeeming a refresh token ended (`revoked`: Bitbucket rejected it).
+#[allow(non_camel_case_types)]
+#[derive(
+    Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue, IntoStaticStr, VariantArray,
+)]
+pub enum Outcome {
+    ok,
+    revoked,
+    error,
 }
 
 /// An HTTP status, or `error` when no response arrived.
@@ -48,6 +129,31 @@ impl EncodeLabelValue for UpstreamStatus {
     }
 }
 
+/// `(a, b, c)`: every value of a label, for its help text.
+fn values<T: VariantArray + Copy + Into<&'static str>>() -> String {
+    let names: Vec<&str> = T::VARIANTS.iter().map(|&v| v.into()).collect();
+    format!("({})", names.join(", "))
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RpcLabels {
+    pub method: Method,
+    pub code: Code,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    pub method: Method,
+}
+
+/// `endpoint` is always one of the `&'static str` templates of
+/// `bitbucket::EP_*` and `bitbucket::token::TOKEN_ENDPOINT`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub endpoint: &'static str,
+    pub status: UpstreamStatus,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub endpoint: &'static str,
@@ -55,12 +161,12 @@ pub struct EndpointLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    pub reason: &'static str,
+    pub reason: Reason,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct OutcomeLabels {
-    pub outcome: &'static str,
+    pub outcome: Outcome,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -70,8 +176,8 @@ pub struct VersionLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CacheLabels {
-    pub cache: &'static str,
-    pub result: &'static str,
+    pub cache: Cache,
+    pub result: CacheResult,
 }
 
 tokio::task_local! {
@@ -135,7 +241,6 @@ pub struct Metrics {
     pub refresh_joined: Counter<u64, AtomicU64>,
     pub upstream_rate_limited: Family<EndpointLabels, Counter>,
     pub cache_requests: Family<CacheLabels, Counter>,
-    pub shared_cache_errors: Counter<u64, AtomicU64>,
 }
 
 impl Default for Metrics {
@@ -156,7 +261,10 @@ impl Metrics {
         let rpc_requests = Family::<RpcLabels, Counter>::default();
         r.register(
             "rpc_requests",
-            "ConnectorService RPCs answered, by method and gRPC status code",
+            format!(
+                "ConnectorService RPCs answered, by method {} and gRPC status code",
+                values::<Method>()
+            ),
             rpc_requests.clone(),
         );
         let rpc_duration: HistogramFamily<MethodLabels> =
@@ -194,13 +302,19 @@ impl Metrics {
         let team_groups_degraded = Family::<ReasonLabels, Counter>::default();
         r.register(
             "team_groups_degraded",
-            "Workspaces whose groups could not be read during a login (forbidden, not_found, gone)",
+            format!(
+                "Workspaces whose groups could not be read during a login, by reason {}",
+                values::<Reason>()
+            ),
             team_groups_degraded.clone(),
         );
         let refresh_redemptions = Family::<OutcomeLabels, Counter>::default();
         r.register(
             "refresh_redemptions",
-            "Refresh tokens redeemed at Bitbucket's token endpoint, by outcome",
+            format!(
+                "Refresh tokens redeemed at Bitbucket's token endpoint, by outcome {}",
+                values::<Outcome>()
+            ),
             refresh_redemptions.clone(),
         );
         let refresh_joined = Counter::<u64, AtomicU64>::default();
@@ -218,14 +332,12 @@ impl Metrics {
         let cache_requests = Family::<CacheLabels, Counter>::default();
         r.register(
             "cache_requests",
-            "Cache lookups by cache (groups, permission, refresh) and result (hit, miss, error)",
+            format!(
+                "Cache lookups by cache {} and result {}",
+                values::<Cache>(),
+                values::<CacheResult>()
+            ),
             cache_requests.clone(),
-        );
-        let shared_cache_errors = Counter::<u64, AtomicU64>::default();
-        r.register(
-            "shared_cache_errors",
-            "Operations on the shared (Redis) cache that failed; the in-process cache answered instead",
-            shared_cache_errors.clone(),
         );
         let build_info = Family::<VersionLabels, Gauge>::default();
         build_info
@@ -247,42 +359,32 @@ impl Metrics {
             refresh_joined,
             upstream_rate_limited,
             cache_requests,
-            shared_cache_errors,
         }
     }
 
-    /// The OpenMetrics text exposition of every metric.
-    pub fn encode_openmetrics(&self) -> String {
+    /// `/metrics` for a scraper that sent `accept`: content type and body.
+    /// OpenMetrics when it lists `application/openmetrics-text` (Prometheus
+    /// does), else the Prometheus text format (version 0.0.4), the contract's.
+    pub fn exposition(&self, accept: Option<&str>) -> (&'static str, String) {
+        if accept.is_some_and(|a| a.contains("application/openmetrics-text")) {
+            (OPENMETRICS_CONTENT_TYPE, self.encode_openmetrics())
+        } else {
+            (prometheus_text::CONTENT_TYPE, self.encode())
+        }
+    }
+
+    /// The Prometheus text format (0.0.4) of every metric.
+    pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing to a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let _ = prometheus_text::encode(&mut out, &self.registry);
         out
     }
 
-    /// The Prometheus text format (0.0.4): as OpenMetrics, but a counter's
-    /// HELP and TYPE lines name it with its `_total` suffix, and no `# EOF`.
-    pub fn encode(&self) -> String {
-        let om = self.encode_openmetrics();
-        let counters: std::collections::HashSet<&str> = om
-            .lines()
-            .filter_map(|l| l.strip_prefix("# TYPE "))
-            .filter_map(|l| l.strip_suffix(" counter"))
-            .collect();
-        let mut out = String::with_capacity(om.len() + 256);
-        for line in om.lines() {
-            if line == "# EOF" || line.starts_with("# UNIT ") {
-                continue;
-            }
-            let renamed = ["# HELP ", "# TYPE "].iter().find_map(|prefix| {
-                let rest = line.strip_prefix(prefix)?;
-                let (name, tail) = rest.split_once(' ')?;
-                counters
-                    .contains(name)
-                    .then(|| format!("{prefix}{name}_total {tail}"))
-            });
-            out.push_str(renamed.as_deref().unwrap_or(line));
-            out.push('\n');
-        }
+    /// The OpenMetrics text of every metric.
+    fn encode_openmetrics(&self) -> String {
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
     }
 
@@ -302,7 +404,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn degraded(&self, reason: &'static str) {
+    pub fn degraded(&self, reason: Reason) {
         self.team_groups_degraded
             .get_or_create(&ReasonLabels { reason })
             .inc();
@@ -314,13 +416,13 @@ impl Metrics {
             .inc();
     }
 
-    pub fn cache(&self, cache: &'static str, result: &'static str) {
+    pub fn cache(&self, cache: Cache, result: CacheResult) {
         self.cache_requests
             .get_or_create(&CacheLabels { cache, result })
             .inc();
     }
 
-    pub fn redemption(&self, outcome: &'static str) {
+    pub fn redemption(&self, outcome: Outcome) {
         self.refresh_redemptions
             .get_or_create(&OutcomeLabels { outcome })
             .inc();
@@ -336,21 +438,23 @@ mod tests {
         let m = Metrics::new();
         m.rpc_requests
             .get_or_create(&RpcLabels {
-                method: "LoginURL",
-                code: "OK",
+                method: Method::LoginURL,
+                code: Code::OK,
             })
             .inc();
         m.rpc_duration
-            .get_or_create(&MethodLabels { method: "LoginURL" })
+            .get_or_create(&MethodLabels {
+                method: Method::LoginURL,
+            })
             .observe(0.002);
         m.upstream("/2.0/user", UpstreamStatus::Http(200), 0.01);
         m.upstream("/2.0/user", UpstreamStatus::Error, 0.01);
         m.retry("/2.0/user");
-        m.degraded("forbidden");
-        m.redemption("ok");
+        m.degraded(Reason::forbidden);
+        m.redemption(Outcome::ok);
         m.refresh_joined.inc();
         m.rate_limited("/2.0/user/emails");
-        m.cache("permission", "hit");
+        m.cache(Cache::permission, CacheResult::hit);
         let text = m.encode();
         for line in [
             "bitbucket_connector_rpc_requests_total{method=\"LoginURL\",code=\"OK\"} 1",
@@ -383,5 +487,94 @@ mod tests {
         assert!(m
             .encode_openmetrics()
             .contains("# TYPE bitbucket_connector_rpc_requests counter"));
+    }
+
+    /// Each variant of `T` is encoded as `label="name"`, and named in `help`.
+    fn every_variant<T>(label: &str, help: Option<&str>, encoded: &str)
+    where
+        T: VariantArray + Copy + Into<&'static str>,
+    {
+        for &v in T::VARIANTS {
+            let name: &str = v.into();
+            assert!(
+                encoded.contains(&format!("{label}=\"{name}\"")),
+                "{label}={name} not encoded as its name:\n{encoded}"
+            );
+            if let Some(help) = help {
+                assert!(help.contains(name), "{name} missing from the help: {help}");
+            }
+        }
+    }
+
+    fn help_of<'a>(text: &'a str, family: &str) -> &'a str {
+        let prefix = format!("# HELP {family} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .unwrap_or_else(|| panic!("no help for {family} in\n{text}"))
+    }
+
+    #[test]
+    fn every_label_value_is_its_variant_name_and_listed_in_the_help() {
+        let m = Metrics::new();
+        for &method in Method::VARIANTS {
+            for &code in Code::VARIANTS {
+                m.rpc_requests
+                    .get_or_create(&RpcLabels { method, code })
+                    .inc();
+            }
+        }
+        for &r in Reason::VARIANTS {
+            m.degraded(r);
+        }
+        for &o in Outcome::VARIANTS {
+            m.redemption(o);
+        }
+        for &c in Cache::VARIANTS {
+            for &r in CacheResult::VARIANTS {
+                m.cache(c, r);
+            }
+        }
+        let text = m.encode();
+        let rpc = help_of(&text, "bitbucket_connector_rpc_requests_total");
+        every_variant::<Method>("method", Some(rpc), &text);
+        every_variant::<Code>("code", None, &text);
+        let degraded = help_of(&text, "bitbucket_connector_team_groups_degraded_total");
+        every_variant::<Reason>("reason", Some(degraded), &text);
+        let redeemed = help_of(&text, "bitbucket_connector_refresh_redemptions_total");
+        every_variant::<Outcome>("outcome", Some(redeemed), &text);
+        let cache = help_of(&text, "bitbucket_connector_cache_requests_total");
+        every_variant::<Cache>("cache", Some(cache), &text);
+        every_variant::<CacheResult>("result", Some(cache), &text);
+        assert_eq!(
+            (
+                Method::VARIANTS.len(),
+                Code::VARIANTS.len(),
+                Reason::VARIANTS.len()
+            ),
+            (4, 17, 4)
+        );
+    }
+
+    #[test]
+    fn exposition_follows_the_accept_header() {
+        let m = Metrics::new();
+        m.refresh_joined.inc();
+        for accept in [None, Some("text/plain"), Some("*/*")] {
+            let (content_type, body) = m.exposition(accept);
+            assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+            assert!(body.contains("# TYPE bitbucket_connector_refresh_joined_total counter"));
+            assert!(body.contains("\nbitbucket_connector_refresh_joined_total 1\n"));
+            assert!(!body.contains("# EOF"));
+        }
+        let (content_type, body) = m.exposition(Some(
+            "application/openmetrics-text;version=1.0.0,text/plain;q=0.5",
+        ));
+        assert_eq!(
+            content_type,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8"
+        );
+        assert!(body.contains("# TYPE bitbucket_connector_refresh_joined counter"));
+        assert!(body.contains("\nbitbucket_connector_refresh_joined_total 1\n"));
+        assert!(body.ends_with("# EOF\n"));
     }
 }

@@ -119,28 +119,9 @@ pub async fn serve_http(
             get(move |headers: axum::http::HeaderMap| {
                 let m = metrics.clone();
                 async move {
-                    // Prometheus asks for OpenMetrics when it can take it.
-                    let openmetrics = headers
-                        .get(header::ACCEPT)
-                        .and_then(|v| v.to_str().ok())
-                        .is_some_and(|a| a.contains("application/openmetrics-text"));
-                    if openmetrics {
-                        (
-                            [(
-                                header::CONTENT_TYPE,
-                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                            )],
-                            m.encode_openmetrics(),
-                        )
-                    } else {
-                        (
-                            [(
-                                header::CONTENT_TYPE,
-                                "text/plain; version=0.0.4; charset=utf-8",
-                            )],
-                            m.encode(),
-                        )
-                    }
+                    let accept = headers.get(header::ACCEPT).and_then(|v| v.to_str().ok());
+                    let (content_type, body) = m.exposition(accept);
+                    ([(header::CONTENT_TYPE, content_type)], body)
                 }
             }),
         )
