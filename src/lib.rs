@@ -18,7 +18,7 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod connector;
-pub mod fake_bitbucket;
+pub use fake_bitbucket;
 pub mod grpc;
 pub mod metrics;
 pub mod sealing;

@@ -1208,7 +1208,7 @@ fn schemas_file_is_up_to_date() {
     let committed: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     assert!(
         committed == fresh,
-        "{} is stale: regenerate with UPDATE_BITBUCKET_SCHEMAS=1 cargo test --lib fake_bitbucket::tests::schemas_file_is_up_to_date",
+        "{} is stale: regenerate with UPDATE_BITBUCKET_SCHEMAS=1 cargo test -p fake-bitbucket --lib tests::schemas_file_is_up_to_date",
         schema::SCHEMAS_FILE
     );
 }

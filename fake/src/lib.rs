@@ -30,6 +30,10 @@
 //! `fixture` the data; `schema` (tests) the spec-derived schemas; `control`
 //! the fake-only control API (`/_fake/...`, not in the schema checks, never
 //! counted or faulted); `standalone` the `fake-bitbucket` command.
+#![cfg_attr(
+    not(test),
+    deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
+)]
 
 mod api;
 mod control;
