@@ -14,7 +14,12 @@ COPY proto proto
 # Cargo.toml declares the bench target: cargo reads the manifest's every target.
 COPY benches benches
 COPY src src
-RUN cargo build --release --locked --bin bitbucket-connector \
+# The workspace's other member: cargo reads its manifest even when it is not built.
+COPY fake fake
+# --no-default-features: the image is for serving, so it leaves out the `demo`
+# feature (the demo and fake-bitbucket commands, and the fake Bitbucket with its
+# unauthenticated fault-injection API). `cargo run -- demo` from a checkout has it.
+RUN cargo build --release --locked --no-default-features --bin bitbucket-connector \
  && strip target/release/bitbucket-connector
 
 # distroless/cc: glibc and CA certificates, no shell, runs as uid 65532.

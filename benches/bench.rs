@@ -24,12 +24,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bitbucket_connector::fake_bitbucket::{
+use bitbucket_connector::pb;
+use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use fake_bitbucket::{
     AdminCredential, Email, Endpoint, FakeBitbucket, Fault, Fixture, Group, Membership, User,
     Workspace, DEMO_CLIENT_ID, DEMO_REDIRECT_URI,
 };
-use bitbucket_connector::pb;
-use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
 use tokio::process::{Child, Command};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;

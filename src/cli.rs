@@ -1,15 +1,19 @@
 //! The commands behind `main.rs`: serve, check-config, demo.
 
+#[cfg(feature = "demo")]
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
+#[cfg(feature = "demo")]
 use base64::Engine as _;
+#[cfg(feature = "demo")]
+use fake_bitbucket::{FakeBitbucket, Fixture};
 
 use crate::config::Config;
-use crate::fake_bitbucket::{FakeBitbucket, Fixture};
 use crate::server::{self, App, Listener};
 use crate::telemetry;
+#[cfg(feature = "demo")]
 use crate::walkthrough;
 
 /// `check-config`: every problem, or one summary line per connector.
@@ -99,6 +103,7 @@ pub async fn shutdown_signal() {
 }
 
 /// The config `demo` serves: the fake's endpoints, both group options on.
+#[cfg(feature = "demo")]
 pub fn demo_config(
     fake: &FakeBitbucket,
     fixture: &Fixture,
@@ -153,6 +158,7 @@ connectors:
 
 /// `demo`: the fake Bitbucket plus the service, and a walkthrough to paste;
 /// with `walkthrough`, a login as `login_as` and a refresh done at once, then exit.
+#[cfg(feature = "demo")]
 pub fn demo(
     addr: SocketAddr,
     telemetry: Option<SocketAddr>,
@@ -189,6 +195,7 @@ pub fn demo(
     })
 }
 
+#[cfg(feature = "demo")]
 fn cfg_redirect(app: &App) -> String {
     app.connectors
         .iter()

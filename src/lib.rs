@@ -6,7 +6,8 @@
 //! - [`grpc`]: proto <-> domain, and the one place errors become `tonic::Status`;
 //! - [`server`]: the tonic server, health, reflection, auth, limits, shutdown;
 //! - [`sealing`]: connector data sealed with the operator's keys;
-//! - [`fake_bitbucket`]: a faithful fake Bitbucket Cloud for `demo` and tests.
+//! - [`walkthrough`] and `cli::demo` (feature `demo`, on by default): the demo
+//!   against the fake Bitbucket of the `fake-bitbucket` crate (`fake/`).
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
@@ -18,7 +19,6 @@ pub mod cli;
 pub mod config;
 pub mod connections;
 pub mod connector;
-pub use fake_bitbucket;
 pub mod grpc;
 pub mod metrics;
 pub mod sealing;
@@ -26,6 +26,7 @@ pub mod secret;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
+#[cfg(feature = "demo")]
 pub mod walkthrough;
 
 /// The generated protobuf and gRPC code, fenced off from the rest.

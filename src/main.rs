@@ -26,6 +26,7 @@ enum Command {
         config: PathBuf,
     },
     /// Run the whole login against a built-in fake Bitbucket Cloud; no credentials needed.
+    #[cfg(feature = "demo")]
     Demo {
         /// Where the service listens.
         #[arg(long, default_value = "127.0.0.1:5557")]
@@ -46,7 +47,8 @@ enum Command {
     /// Prints `fake-bitbucket listening on http://127.0.0.1:PORT` once
     /// listening, serves until SIGTERM/SIGINT, then exits 0. Tests drive it
     /// through its unauthenticated control API under /_fake/ (see README).
-    FakeBitbucket(bitbucket_connector::fake_bitbucket::StandaloneArgs),
+    #[cfg(feature = "demo")]
+    FakeBitbucket(fake_bitbucket::StandaloneArgs),
 }
 
 fn main() -> ExitCode {
@@ -66,13 +68,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::CheckConfig { config } => return bitbucket_connector::cli::check_config(&config),
         Command::Serve { config } => bitbucket_connector::cli::serve(&config),
+        #[cfg(feature = "demo")]
         Command::Demo {
             addr,
             telemetry,
             walkthrough,
             login_as,
         } => bitbucket_connector::cli::demo(addr, telemetry, walkthrough, &login_as),
-        Command::FakeBitbucket(args) => bitbucket_connector::fake_bitbucket::serve_standalone(args),
+        #[cfg(feature = "demo")]
+        Command::FakeBitbucket(args) => fake_bitbucket::serve_standalone(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use bitbucket_connector::fake_bitbucket::{Endpoint, Fault};
+use fake_bitbucket::{Endpoint, Fault};
 use tonic::Code;
 use tonic_types::StatusExt as _;
 

@@ -4,9 +4,9 @@ use std::io::Write as _;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use bitbucket_connector::fake_bitbucket::{Endpoint, FakeBitbucket, Fault, Fixture};
 use bitbucket_connector::pb;
 use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use fake_bitbucket::{Endpoint, FakeBitbucket, Fault, Fixture};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;

@@ -399,7 +399,7 @@ async fn fake_process_wide_user_is_a_member_of_n_extra_workspaces() {
         (
             &json!("wide"),
             &json!("wide"),
-            &json!(bitbucket_connector::fake_bitbucket::WIDE_UUID)
+            &json!(fake_bitbucket::WIDE_UUID)
         )
     );
     let (_, emails) = fake.get_json("/2.0/user/emails", Some(token)).await;
@@ -451,10 +451,7 @@ async fn fake_process_wide_user_is_a_member_of_n_extra_workspaces() {
             .map(|m| m["uuid"].clone())
             .collect()
     };
-    assert_eq!(
-        members("team"),
-        [json!(bitbucket_connector::fake_bitbucket::WIDE_UUID)]
-    );
+    assert_eq!(members("team"), [json!(fake_bitbucket::WIDE_UUID)]);
     assert_eq!(members("others"), Vec::<Value>::new());
 
     // The demo users are as they were.

@@ -7,10 +7,10 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use bitbucket_connector::config::Config;
-use bitbucket_connector::fake_bitbucket::{FakeBitbucket, Fixture};
 use bitbucket_connector::pb;
 use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
 use bitbucket_connector::server::{self, App, Listener};
+use fake_bitbucket::{FakeBitbucket, Fixture};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;

@@ -4,7 +4,7 @@
 
 use std::time::{Duration, Instant};
 
-use bitbucket_connector::fake_bitbucket::{
+use fake_bitbucket::{
     Endpoint, Fault, Fixture, Membership, TokenQuirks, Workspace, ALICE_UUID, BOB_UUID,
     DEMO_ADMIN_PASSWORD, DEMO_ADMIN_USERNAME,
 };

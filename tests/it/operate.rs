@@ -2,8 +2,8 @@
 
 use std::collections::HashMap;
 
-use bitbucket_connector::fake_bitbucket::{Endpoint, Fault};
 use bitbucket_connector::pb;
+use fake_bitbucket::{Endpoint, Fault};
 
 use crate::harness::*;
 

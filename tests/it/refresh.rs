@@ -7,9 +7,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
 use bitbucket_connector::config::DataKey;
-use bitbucket_connector::fake_bitbucket::{Endpoint, FakeBitbucket, Fault, BOB_UUID};
 use bitbucket_connector::pb;
 use bitbucket_connector::sealing::{Origin, Sealer, Tokens};
+use fake_bitbucket::{Endpoint, FakeBitbucket, Fault, BOB_UUID};
 use tonic::Code;
 
 use crate::harness::*;

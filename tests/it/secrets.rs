@@ -5,9 +5,9 @@
 use std::process::Stdio;
 use std::time::Duration;
 
-use bitbucket_connector::fake_bitbucket::{FakeBitbucket, Fixture};
 use bitbucket_connector::pb;
 use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use fake_bitbucket::{FakeBitbucket, Fixture};
 use tonic::transport::Channel;
 
 use crate::harness::*;

@@ -2,9 +2,9 @@
 
 use std::time::Duration;
 
-use bitbucket_connector::fake_bitbucket::{Endpoint, Fault};
 use bitbucket_connector::pb;
 use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use fake_bitbucket::{Endpoint, Fault};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 use tonic::Code;
@@ -292,7 +292,7 @@ async fn default_timeout_bounds_an_rpc_whose_caller_sets_none() {
 /// its open connections.
 #[tokio::test]
 async fn certificates_reload_on_sighup_without_dropping_connections() {
-    use bitbucket_connector::fake_bitbucket::{FakeBitbucket, Fixture};
+    use fake_bitbucket::{FakeBitbucket, Fixture};
     let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
     let tls = TlsSetup::new();
     let port = free_port().port();
