@@ -1,17 +1,9 @@
 //! API 2.0 (`/2.0/...`) and API 1.0 (`/1.0/groups/{workspace}`) handlers and
 //! the JSON shapes they answer with.
 
+use super::error::ApiError;
 use super::server::*;
 use super::*;
-
-/// An API error that travels in a `Result` (a `Response` is too large to).
-struct ApiError(StatusCode, &'static str);
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        api_error(self.0, self.1)
-    }
-}
 
 const AUTH_REQUIRED: &str = "This API is only accessible with the following authentication types: \
      session, password, apppassword, api_token, repo_access_token, workspace_access_token, \
@@ -19,85 +11,67 @@ const AUTH_REQUIRED: &str = "This API is only accessible with the following auth
 
 /// The uuid of the user whose Bearer token authenticates the request.
 fn bearer_user(st: &ServerState, headers: &HeaderMap) -> Result<String, ApiError> {
-    let Some(token) = bearer_token(headers) else {
-        return Err(ApiError(StatusCode::UNAUTHORIZED, AUTH_REQUIRED));
-    };
-    match st.access.get(token) {
-        None => Err(ApiError(StatusCode::UNAUTHORIZED, "Invalid access token")),
-        Some(g) if g.expires_at <= Instant::now() => Err(ApiError(
+    let invalid = || ApiError::api(StatusCode::UNAUTHORIZED, "Invalid access token");
+    let token = bearer_token(headers)
+        .ok_or_else(|| ApiError::api(StatusCode::UNAUTHORIZED, AUTH_REQUIRED))?;
+    let grant = st.access.get(token).ok_or_else(invalid)?;
+    if grant.expires_at <= Instant::now() {
+        return Err(ApiError::api(
             StatusCode::UNAUTHORIZED,
             "Access token expired. Use your refresh token to obtain a new access token.",
-        )),
-        Some(g) if st.user(&g.user_uuid).is_none() => {
-            Err(ApiError(StatusCode::UNAUTHORIZED, "Invalid access token"))
-        }
-        Some(g) => Ok(g.user_uuid.clone()),
+        ));
     }
+    st.user(&grant.user_uuid).ok_or_else(invalid)?;
+    Ok(grant.user_uuid.clone())
 }
 
-pub(super) async fn api_user(AxState(shared): St, req: Request) -> Response {
-    if let Err(resp) = begin(&shared, Endpoint::User, &req).await {
-        return resp;
-    }
+pub(super) async fn api_user(AxState(shared): St, req: Request) -> Result<Response, ApiError> {
+    begin(&shared, Endpoint::User, &req).await?;
     let st = shared.lock();
-    let uuid = match bearer_user(&st, req.headers()) {
-        Ok(u) => u,
-        Err(e) => return e.into_response(),
-    };
-    match st.user(&uuid) {
-        Some(user) => json_response(StatusCode::OK, &user_json(&shared.base_url, user)),
-        None => api_error(StatusCode::UNAUTHORIZED, "Invalid access token"),
-    }
+    let uuid = bearer_user(&st, req.headers())?;
+    let user = st
+        .user(&uuid)
+        .ok_or_else(|| ApiError::api(StatusCode::UNAUTHORIZED, "Invalid access token"))?;
+    Ok(json_response(
+        StatusCode::OK,
+        &user_json(&shared.base_url, user),
+    ))
 }
 
-pub(super) async fn api_emails(AxState(shared): St, req: Request) -> Response {
-    let fault = match begin(&shared, Endpoint::Emails, &req).await {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
+pub(super) async fn api_emails(AxState(shared): St, req: Request) -> Result<Response, ApiError> {
+    let fault = begin(&shared, Endpoint::Emails, &req).await?;
     let st = shared.lock();
-    let uuid = match bearer_user(&st, req.headers()) {
-        Ok(u) => u,
-        Err(e) => return e.into_response(),
-    };
+    let uuid = bearer_user(&st, req.headers())?;
     let base = &shared.base_url;
     let emails: &[Email] = st
         .user(&uuid)
         .map(|u| u.emails.as_slice())
         .unwrap_or_default();
-    let page = Page::new(&req, emails.len(), st.settings.max_pagelen);
-    match page {
-        Ok(page) => {
-            let values = emails[page.range()]
-                .iter()
-                .map(|e| email_json(base, e))
-                .collect();
-            page.respond(base, &req, values, fault)
-        }
-        Err(e) => e.into_response(),
-    }
+    let page = Page::new(&req, emails.len(), st.settings.max_pagelen)?;
+    let values = emails[page.range()]
+        .iter()
+        .map(|e| email_json(base, e))
+        .collect();
+    Ok(page.respond(base, &req, values, fault))
 }
 
-pub(super) async fn api_workspaces(AxState(shared): St, req: Request) -> Response {
-    let fault = match begin(&shared, Endpoint::Workspaces, &req).await {
-        Ok(f) => f,
-        Err(e) => return e.into_response(),
-    };
+pub(super) async fn api_workspaces(
+    AxState(shared): St,
+    req: Request,
+) -> Result<Response, ApiError> {
+    let fault = begin(&shared, Endpoint::Workspaces, &req).await?;
     let st = shared.lock();
-    let uuid = match bearer_user(&st, req.headers()) {
-        Ok(u) => u,
-        Err(e) => return e.into_response(),
-    };
+    let uuid = bearer_user(&st, req.headers())?;
     let q = query_pairs(&req);
     let admin_filter = match first(&q, "administrator") {
         None => None,
         Some("true") => Some(true),
         Some("false") => Some(false),
         Some(_) => {
-            return api_error(
+            return Err(ApiError::api(
                 StatusCode::BAD_REQUEST,
                 "administrator must be true or false",
-            )
+            ))
         }
     };
     let memberships: Vec<(&Workspace, bool)> = st
@@ -114,53 +88,44 @@ pub(super) async fn api_workspaces(AxState(shared): St, req: Request) -> Respons
         .filter(|&(_, admin)| admin_filter.is_none_or(|want| want == admin))
         .collect();
     let base = &shared.base_url;
-    match Page::new(&req, memberships.len(), st.settings.max_pagelen) {
-        Ok(page) => {
-            let values = memberships[page.range()]
-                .iter()
-                .map(|&(ws, admin)| {
-                    json!({
-                        "type": "workspace_access",
-                        "administrator": admin,
-                        "workspace": workspace_base_json(base, ws),
-                        "links": {"self": {"href": format!(
-                            "{base}/2.0/user/workspaces/{}/permission", ws.slug)}},
-                    })
-                })
-                .collect();
-            page.respond(base, &req, values, fault)
-        }
-        Err(e) => e.into_response(),
-    }
+    let page = Page::new(&req, memberships.len(), st.settings.max_pagelen)?;
+    let values = memberships[page.range()]
+        .iter()
+        .map(|&(ws, admin)| {
+            json!({
+                "type": "workspace_access",
+                "administrator": admin,
+                "workspace": workspace_base_json(base, ws),
+                "links": {"self": {"href": format!(
+                    "{base}/2.0/user/workspaces/{}/permission", ws.slug)}},
+            })
+        })
+        .collect();
+    Ok(page.respond(base, &req, values, fault))
 }
 
 pub(super) async fn api_permission(
     AxState(shared): St,
     Path(workspace): Path<String>,
     req: Request,
-) -> Response {
-    if let Err(resp) = begin(&shared, Endpoint::Permission, &req).await {
-        return resp;
-    }
+) -> Result<Response, ApiError> {
+    begin(&shared, Endpoint::Permission, &req).await?;
     let st = shared.lock();
-    let uuid = match bearer_user(&st, req.headers()) {
-        Ok(u) => u,
-        Err(e) => return e.into_response(),
-    };
+    let uuid = bearer_user(&st, req.headers())?;
     let Some(ws) = st.workspace(&workspace) else {
-        return api_error(
+        return Err(ApiError::api(
             StatusCode::NOT_FOUND,
-            &format!("No workspace with identifier '{workspace}'."),
-        );
+            format!("No workspace with identifier '{workspace}'."),
+        ));
     };
     let (Some(permission), Some(user)) = (st.permission(&uuid, ws), st.user(&uuid)) else {
-        return api_error(
+        return Err(ApiError::api(
             StatusCode::FORBIDDEN,
             "You do not have access to this workspace.",
-        );
+        ));
     };
     let base = &shared.base_url;
-    json_response(
+    Ok(json_response(
         StatusCode::OK,
         &json!({
             "type": "workspace_membership",
@@ -172,19 +137,19 @@ pub(super) async fn api_permission(
             "links": {"self": {"href": format!(
                 "{base}/2.0/workspaces/{}/members/{}", ws.slug, path_segment(&user.uuid))}},
         }),
-    )
+    ))
 }
 
-pub(super) async fn gone(AxState(_): St) -> Response {
-    api_error(
+pub(super) async fn gone(AxState(_): St) -> ApiError {
+    ApiError::api(
         StatusCode::GONE,
         "This API has been removed. See https://developer.atlassian.com/cloud/bitbucket/changelog/ \
          (CHANGE-2770).",
     )
 }
 
-pub(super) async fn not_found() -> Response {
-    api_error(StatusCode::NOT_FOUND, "Resource not found")
+pub(super) async fn not_found() -> ApiError {
+    ApiError::api(StatusCode::NOT_FOUND, "Resource not found")
 }
 
 fn is_admin_permission(permission: &str) -> bool {
@@ -205,14 +170,14 @@ impl Page {
             None => 1,
             Some(p) => match p.parse::<usize>() {
                 Ok(n) if n >= 1 => n,
-                _ => return Err(ApiError(StatusCode::BAD_REQUEST, "Invalid page")),
+                _ => return Err(ApiError::api(StatusCode::BAD_REQUEST, "Invalid page")),
             },
         };
         let pagelen = match first(&q, "pagelen") {
             None => DEFAULT_PAGELEN,
             Some(p) => match p.parse::<usize>() {
                 Ok(n) if n >= 1 => n,
-                _ => return Err(ApiError(StatusCode::BAD_REQUEST, "Invalid pagelen")),
+                _ => return Err(ApiError::api(StatusCode::BAD_REQUEST, "Invalid pagelen")),
             },
         }
         .min(max_pagelen)
@@ -380,7 +345,10 @@ fn legacy_caller(st: &ServerState, headers: &HeaderMap) -> Result<Caller, ApiErr
             .find(|a| a.username == user && a.password == pass)
         {
             Some(a) => Ok(Caller::Admin(a.workspaces.clone())),
-            None => Err(ApiError(StatusCode::UNAUTHORIZED, "Invalid credentials")),
+            None => Err(ApiError::api(
+                StatusCode::UNAUTHORIZED,
+                "Invalid credentials",
+            )),
         };
     }
     bearer_user(st, headers).map(Caller::User)
@@ -390,17 +358,12 @@ pub(super) async fn legacy_groups(
     AxState(shared): St,
     Path(workspace): Path<String>,
     req: Request,
-) -> Response {
-    if let Err(resp) = begin(&shared, Endpoint::Groups, &req).await {
-        return resp;
-    }
+) -> Result<Response, ApiError> {
+    begin(&shared, Endpoint::Groups, &req).await?;
     let st = shared.lock();
-    let caller = match legacy_caller(&st, req.headers()) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
+    let caller = legacy_caller(&st, req.headers())?;
     let Some(ws) = st.workspace(&workspace) else {
-        return api_error(StatusCode::NOT_FOUND, "Workspace not found");
+        return Err(ApiError::api(StatusCode::NOT_FOUND, "Workspace not found"));
     };
     let allowed = match &caller {
         Caller::Admin(slugs) => slugs.iter().any(|s| *s == ws.slug || *s == ws.uuid),
@@ -409,17 +372,17 @@ pub(super) async fn legacy_groups(
             .is_some_and(|p| is_admin_permission(&p)),
     };
     if !allowed {
-        return api_error(
+        return Err(ApiError::api(
             StatusCode::FORBIDDEN,
             "You must be an administrator of this workspace to list its groups.",
-        );
+        ));
     }
     let groups: Vec<Value> = ws
         .groups
         .iter()
         .map(|g| group_json(&shared.base_url, &st, ws, g))
         .collect();
-    json_response(StatusCode::OK, &Value::Array(groups))
+    Ok(json_response(StatusCode::OK, &Value::Array(groups)))
 }
 
 /// A group as API 1.0 writes it, members and owner included.
@@ -465,15 +428,13 @@ fn group_json(base: &str, st: &ServerState, ws: &Workspace, g: &Group) -> Value 
 /// of it; an admin credential sees the groups of its workspaces. Unknown
 /// workspaces, groups and malformed filters give nothing, as does a group
 /// the caller may not see: always 200 with a list, possibly empty.
-pub(super) async fn legacy_group_filter(AxState(shared): St, req: Request) -> Response {
-    if let Err(resp) = begin(&shared, Endpoint::GroupFilter, &req).await {
-        return resp;
-    }
+pub(super) async fn legacy_group_filter(
+    AxState(shared): St,
+    req: Request,
+) -> Result<Response, ApiError> {
+    begin(&shared, Endpoint::GroupFilter, &req).await?;
     let st = shared.lock();
-    let caller = match legacy_caller(&st, req.headers()) {
-        Ok(c) => c,
-        Err(e) => return e.into_response(),
-    };
+    let caller = legacy_caller(&st, req.headers())?;
     let query = req.uri().query().unwrap_or_default();
     let mut out = Vec::new();
     let mut seen = std::collections::HashSet::new();
@@ -498,5 +459,5 @@ pub(super) async fn legacy_group_filter(AxState(shared): St, req: Request) -> Re
             out.push(group_json(&shared.base_url, &st, ws, g));
         }
     }
-    json_response(StatusCode::OK, &Value::Array(out))
+    Ok(json_response(StatusCode::OK, &Value::Array(out)))
 }

@@ -26,7 +26,8 @@
 //! never a query string or a header) at debug.
 //!
 //! Layout: this file holds the public API and the state; `server` the
-//! HTTP plumbing and fault application; `oauth` and `api` the endpoints;
+//! HTTP plumbing and fault application; `oauth` and `api` the endpoints,
+//! which answer errors as `error::ApiError`;
 //! `fixture` the data; `schema` (tests) the spec-derived schemas; `control`
 //! the fake-only control API (`/_fake/...`, not in the schema checks, never
 //! counted or faulted); `standalone` the `fake-bitbucket` command.
@@ -37,6 +38,7 @@
 
 mod api;
 mod control;
+mod error;
 mod fixture;
 mod oauth;
 #[cfg(test)]

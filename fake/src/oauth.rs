@@ -1,31 +1,30 @@
 //! `/site/oauth2/authorize` and `/site/oauth2/access_token`.
 
+use super::error::ApiError;
 use super::server::*;
 use super::*;
 
-pub(super) async fn authorize(AxState(shared): St, req: Request) -> Response {
-    if let Err(resp) = begin(&shared, Endpoint::Authorize, &req).await {
-        return resp;
-    }
+pub(super) async fn authorize(AxState(shared): St, req: Request) -> Result<Response, ApiError> {
+    begin(&shared, Endpoint::Authorize, &req).await?;
     let q = query_pairs(&req);
     let mut st = shared.lock();
     let client = first(&q, "client_id")
         .and_then(|id| st.index.client_by_id.get(id))
         .map(|&i| st.fixture.clients[i].clone());
     let Some(client) = client else {
-        return html_page(StatusCode::BAD_REQUEST, "Invalid client_id");
+        return Err(ApiError::Page(StatusCode::BAD_REQUEST, "Invalid client_id"));
     };
     if first(&q, "redirect_uri").is_some_and(|r| r != client.redirect_uri) {
-        return html_page(
+        return Err(ApiError::Page(
             StatusCode::BAD_REQUEST,
             "The redirect_uri does not match the consumer's callback URL",
-        );
+        ));
     }
     let Ok(mut target) = url::Url::parse(&client.redirect_uri) else {
-        return html_page(
+        return Err(ApiError::Page(
             StatusCode::BAD_REQUEST,
             "The consumer has no valid callback URL",
-        );
+        ));
     };
     let state = first(&q, "state");
     let error = if first(&q, "deny") == Some("1") {
@@ -48,7 +47,10 @@ pub(super) async fn authorize(AxState(shared): St, req: Request) -> Response {
                     None => (!st.fixture.users.is_empty()).then_some(0),
                 };
                 let Some(user) = user else {
-                    return html_page(StatusCode::BAD_REQUEST, "No such user to log in as");
+                    return Err(ApiError::Page(
+                        StatusCode::BAD_REQUEST,
+                        "No such user to log in as",
+                    ));
                 };
                 let uuid = st.fixture.users[user].uuid.clone();
                 let code = st.mint_code(&client.client_id, &uuid, Instant::now());
@@ -59,14 +61,9 @@ pub(super) async fn authorize(AxState(shared): St, req: Request) -> Response {
             pairs.append_pair("state", state);
         }
     }
-    let mut resp = StatusCode::FOUND.into_response();
-    match HeaderValue::from_str(target.as_str()) {
-        Ok(v) => {
-            resp.headers_mut().insert(LOCATION, v);
-            resp
-        }
-        Err(_) => html_page(StatusCode::BAD_REQUEST, "Invalid callback URL"),
-    }
+    let location = HeaderValue::from_str(target.as_str())
+        .map_err(|_| ApiError::Page(StatusCode::BAD_REQUEST, "Invalid callback URL"))?;
+    Ok((StatusCode::FOUND, [(LOCATION, location)]).into_response())
 }
 
 /// RFC 6749 has clients form-urlencode the id and secret before Basic; most
@@ -78,29 +75,21 @@ fn credential_matches(given: &str, expected: &str) -> bool {
             .is_some_and(|(_, v)| v == expected)
 }
 
-pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
-    if let Err(resp) = begin(&shared, Endpoint::Token, &req).await {
-        return resp;
-    }
+pub(super) async fn token(AxState(shared): St, req: Request) -> Result<Response, ApiError> {
+    begin(&shared, Endpoint::Token, &req).await?;
     let basic = basic_credentials(req.headers());
     let is_form = req
         .headers()
         .get(CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.starts_with("application/x-www-form-urlencoded"));
-    let Ok(body) = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES).await else {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
-            "Unreadable request body",
-        );
-    };
+    let body = axum::body::to_bytes(req.into_body(), MAX_FORM_BYTES)
+        .await
+        .map_err(|_| ApiError::invalid_request("Unreadable request body"))?;
     if !is_form {
-        return oauth_error(
-            StatusCode::BAD_REQUEST,
-            "invalid_request",
+        return Err(ApiError::invalid_request(
             "The request body must be application/x-www-form-urlencoded",
-        );
+        ));
     }
     let form: Vec<(String, String)> = url::form_urlencoded::parse(&body).into_owned().collect();
     let now = Instant::now();
@@ -112,7 +101,11 @@ pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
         } else {
             "Missing client credentials"
         };
-        return oauth_error(StatusCode::UNAUTHORIZED, "invalid_client", description);
+        return Err(ApiError::OAuth(
+            StatusCode::UNAUTHORIZED,
+            "invalid_client",
+            description,
+        ));
     };
     let client = st
         .fixture
@@ -122,18 +115,18 @@ pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
         .filter(|c| credential_matches(&secret, &c.client_secret))
         .map(|c| c.client_id.clone());
     let Some(client_id) = client else {
-        return oauth_error(
+        return Err(ApiError::OAuth(
             StatusCode::UNAUTHORIZED,
             "invalid_client",
             "Invalid OAuth client credentials",
-        );
+        ));
     };
 
     let grant = first(&form, "grant_type").unwrap_or_default();
     let user_uuid = match grant {
         "authorization_code" => {
             let Some(code) = first(&form, "code") else {
-                return oauth_error(StatusCode::BAD_REQUEST, "invalid_request", "Missing code");
+                return Err(ApiError::invalid_request("Missing code"));
             };
             let redirect = st
                 .index
@@ -142,16 +135,24 @@ pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
                 .map(|&i| &st.fixture.clients[i].redirect_uri);
             if first(&form, "redirect_uri").is_some_and(|r| Some(r) != redirect.map(String::as_str))
             {
-                return invalid_grant("redirect_uri does not match the consumer's callback URL");
+                return Err(ApiError::invalid_grant(
+                    "redirect_uri does not match the consumer's callback URL",
+                ));
             }
             match st.codes.get(code) {
-                None => return invalid_grant("Invalid or used authorization code"),
+                None => {
+                    return Err(ApiError::invalid_grant(
+                        "Invalid or used authorization code",
+                    ))
+                }
                 Some(g) if g.expires_at <= now => {
                     st.codes.remove(code);
-                    return invalid_grant("Authorization code has expired");
+                    return Err(ApiError::invalid_grant("Authorization code has expired"));
                 }
                 Some(g) if g.client_id != client_id => {
-                    return invalid_grant("Authorization code was issued to another client")
+                    return Err(ApiError::invalid_grant(
+                        "Authorization code was issued to another client",
+                    ))
                 }
                 Some(_) => st
                     .codes
@@ -162,22 +163,20 @@ pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
         }
         "refresh_token" => {
             let Some(token) = first(&form, "refresh_token") else {
-                return oauth_error(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_request",
-                    "Missing refresh_token",
-                );
+                return Err(ApiError::invalid_request("Missing refresh_token"));
             };
             let grace = st.settings.refresh_grace;
             match st.refresh.get_mut(token) {
-                None => return invalid_grant("Invalid refresh_token"),
+                None => return Err(ApiError::invalid_grant("Invalid refresh_token")),
                 Some(g) if g.client_id != client_id => {
-                    return invalid_grant("Refresh token was issued to another client")
+                    return Err(ApiError::invalid_grant(
+                        "Refresh token was issued to another client",
+                    ))
                 }
                 Some(g) => match g.first_used {
                     Some(t) if now.duration_since(t) > grace => {
                         st.refresh.remove(token);
-                        return invalid_grant("Refresh token has been rotated");
+                        return Err(ApiError::invalid_grant("Refresh token has been rotated"));
                     }
                     Some(_) => g.user_uuid.clone(),
                     None => {
@@ -187,23 +186,17 @@ pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
                 },
             }
         }
-        "" => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request",
-                "Missing grant_type",
-            )
-        }
+        "" => return Err(ApiError::invalid_request("Missing grant_type")),
         _ => {
-            return oauth_error(
+            return Err(ApiError::OAuth(
                 StatusCode::BAD_REQUEST,
                 "unsupported_grant_type",
                 "Unsupported grant type",
-            )
+            ))
         }
     };
     if st.user(&user_uuid).is_none() {
-        return invalid_grant("The account no longer exists");
+        return Err(ApiError::invalid_grant("The account no longer exists"));
     }
     let (access, refresh, ttl) = st.issue_tokens(&client_id, &user_uuid, now);
     let quirks = st.settings.quirks;
@@ -231,9 +224,5 @@ pub(super) async fn token(AxState(shared): St, req: Request) -> Response {
         body.insert("token_type".into(), "bearer".into());
     }
     body.insert("state".into(), grant.into());
-    json_response(StatusCode::OK, &Value::Object(body))
-}
-
-fn invalid_grant(description: &str) -> Response {
-    oauth_error(StatusCode::BAD_REQUEST, "invalid_grant", description)
+    Ok(json_response(StatusCode::OK, &Value::Object(body)))
 }

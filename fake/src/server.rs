@@ -6,6 +6,7 @@ use super::api::{
     api_emails, api_permission, api_user, api_workspaces, gone, legacy_group_filter, legacy_groups,
     not_found,
 };
+use super::error::ApiError;
 use super::oauth::{authorize, token};
 use super::*;
 
@@ -163,12 +164,13 @@ pub(super) fn router(shared: Arc<Shared>) -> Router {
 }
 
 /// Counts the hit, then applies the endpoint's next fault. `Ok` carries the
-/// pagination fault still to apply, if any; `Err` is the faulted response.
+/// pagination fault still to apply, if any; `Err` is the faulted response
+/// ([`ApiError::Fault`]).
 pub(super) fn begin<'a>(
     shared: &'a Shared,
     endpoint: Endpoint,
     req: &Request,
-) -> impl std::future::Future<Output = Result<Option<Fault>, Response>> + Send + 'a {
+) -> impl std::future::Future<Output = Result<Option<Fault>, ApiError>> + Send + 'a {
     // Only the connection handle may cross an await: a request body is not Sync.
     let ctl = req.extensions().get::<Arc<ConnControl>>().cloned();
     begin_with(shared, endpoint, ctl)
@@ -178,35 +180,36 @@ async fn begin_with(
     shared: &Shared,
     endpoint: Endpoint,
     ctl: Option<Arc<ConnControl>>,
-) -> Result<Option<Fault>, Response> {
+) -> Result<Option<Fault>, ApiError> {
     if let Some(i) = endpoint.index() {
         shared.hits[i].fetch_add(1, Ordering::Relaxed);
     }
     let fault = shared.lock().take_fault(endpoint);
-    match fault {
-        None => Ok(None),
-        Some(Fault::Status(code)) => Err(status_fault(endpoint, code, None)),
-        Some(Fault::StatusRetryAfter(code, secs)) => Err(status_fault(endpoint, code, Some(secs))),
+    let answer = match fault {
+        None => return Ok(None),
+        Some(Fault::Status(code)) => status_fault(endpoint, code, None),
+        Some(Fault::StatusRetryAfter(code, secs)) => status_fault(endpoint, code, Some(secs)),
         Some(Fault::Delay(d)) => {
             tokio::time::sleep(d).await;
-            Ok(None)
+            return Ok(None);
         }
-        Some(Fault::Garbage) => Err(raw(
+        Some(Fault::Garbage) => raw(
             StatusCode::OK,
             "application/json",
             "<html><body>Bitbucket is having a bad day {\"values\": [".to_owned(),
-        )),
-        Some(Fault::HugeBody(n)) => Err(raw(StatusCode::OK, "application/json", huge_json(n))),
+        ),
+        Some(Fault::HugeBody(n)) => raw(StatusCode::OK, "application/json", huge_json(n)),
         Some(Fault::Reset) => match ctl {
             Some(ctl) => {
                 ctl.reset.notify_one();
                 // The connection, and this future with it, is dropped now.
-                std::future::pending::<Result<Option<Fault>, Response>>().await
+                std::future::pending::<Response>().await
             }
-            None => Err(status_fault(endpoint, 500, None)),
+            None => status_fault(endpoint, 500, None),
         },
-        Some(page_fault) => Ok(Some(page_fault)),
-    }
+        Some(page_fault) => return Ok(Some(page_fault)),
+    };
+    Err(ApiError::Fault(Box::new(answer)))
 }
 
 fn status_fault(endpoint: Endpoint, code: u16, retry_after: Option<u64>) -> Response {
