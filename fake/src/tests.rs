@@ -106,13 +106,30 @@ fn schemas() -> Value {
     serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
 }
 
+/// The violations of `value` against the schema `section.name` of the file.
+fn violations(section: &str, name: &str, value: &Value) -> Vec<String> {
+    static SCHEMAS: std::sync::LazyLock<schema::Schemas> =
+        std::sync::LazyLock::new(|| schema::Schemas::new(schemas()).unwrap());
+    SCHEMAS.validate(section, name, value).unwrap()
+}
+
 #[track_caller]
 fn assert_valid(section: &str, name: &str, value: &Value) {
-    let all = schemas();
-    let def = &all[section][name];
-    assert!(def.is_object(), "no schema {section}.{name}");
-    let errors = schema::validate(def, value);
+    let errors = violations(section, name, value);
     assert!(errors.is_empty(), "{name}: {errors:#?}\n{value:#}");
+}
+
+#[track_caller]
+fn assert_invalid(section: &str, name: &str, value: &Value, what: &str) {
+    let errors = violations(section, name, value);
+    assert!(!errors.is_empty(), "{name} accepted {what}:\n{value:#}");
+}
+
+/// `value` with one change made by `f`.
+fn spoiled(value: &Value, f: impl FnOnce(&mut Value)) -> Value {
+    let mut v = value.clone();
+    f(&mut v);
+    v
 }
 
 fn query_of(location: &str) -> HashMap<String, String> {
@@ -1151,38 +1168,123 @@ async fn dropping_the_last_handle_stops_the_server() {
 
 // --- Schemas -------------------------------------------------------------
 
-#[test]
-fn the_validator_rejects_wrong_types_missing_required_and_extra_properties() {
-    let s = json!({
-        "type": "object",
-        "required": ["a"],
-        "properties": {
-            "a": {"type": "integer"},
-            "e": {"type": "string", "enum": ["x"]},
-            "l": {"type": "array", "items": {"type": "object", "properties": {}, "additionalProperties": false}}
-        },
-        "additionalProperties": false
+#[tokio::test]
+async fn the_schema_check_rejects_answers_that_do_not_follow_the_spec() {
+    // A real answer of the fake, spoiled one way at a time: each must fail.
+    let (fake, http) = start().await;
+    let token = access_token(&fake, &http, "alice").await;
+    let (_, user) = get_json(&http, &format!("{}/user", fake.api_url()), Some(&token)).await;
+    assert_valid("definitions", "user", &user);
+    let no_type = spoiled(&user, |v| {
+        v.as_object_mut().unwrap().remove("type");
     });
-    assert!(schema::validate(&s, &json!({"a": 1, "e": "x", "l": [{}]})).is_empty());
-    let errors = schema::validate(&s, &json!({"a": "1", "e": "y", "l": [{"z": 1}], "q": 0}));
-    assert_eq!(errors.len(), 4, "{errors:#?}");
-    assert_eq!(schema::validate(&s, &json!({})).len(), 1);
-    assert_eq!(schema::validate(&s, &json!([])).len(), 1);
+    assert_invalid(
+        "definitions",
+        "user",
+        &no_type,
+        "no type (the spec's object requires it)",
+    );
+    let nickname = spoiled(&user, |v| v["nickname"] = json!(5));
+    assert_invalid("definitions", "user", &nickname, "a number for nickname");
+    let extra = spoiled(&user, |v| v["links"]["self"]["rel"] = json!("me"));
+    assert_invalid(
+        "definitions",
+        "user",
+        &extra,
+        "a property a (closed) link has not",
+    );
+    let href = spoiled(&user, |v| v["links"]["self"]["href"] = json!("not a uri"));
+    assert_invalid("definitions", "user", &href, "an href that is not a URI");
+
+    // One line per violation, each starting with the pointer of its value.
+    let both = spoiled(&nickname, |v| v["links"]["self"]["rel"] = json!("me"));
+    let errors = violations("definitions", "user", &both);
+    assert!(
+        errors.iter().any(|e| e.starts_with("/nickname: ")),
+        "{errors:#?}"
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("/links/self: ")),
+        "{errors:#?}"
+    );
+
+    // An error body that is not the spec's error, and a page with a stray key.
+    assert_invalid(
+        "definitions",
+        "error",
+        &json!({"error": {"message": "x"}}),
+        "no type",
+    );
+    let (_, page) = get_json(
+        &http,
+        &format!("{}/user/emails", fake.api_url()),
+        Some(&token),
+    )
+    .await;
+    assert_valid("local_definitions", "paginated_email", &page);
+    let stray = spoiled(&page, |v| v["Values"] = json!([]));
+    assert_invalid(
+        "local_definitions",
+        "paginated_email",
+        &stray,
+        "a key pages do not have",
+    );
+    let email = spoiled(&page, |v| v["values"][0]["is_primary"] = json!("yes"));
+    assert_invalid(
+        "local_definitions",
+        "paginated_email",
+        &email,
+        "a string for is_primary",
+    );
 }
 
 #[test]
-fn the_schemas_file_follows_the_spec_where_it_is_nested() {
-    // Guards the extraction itself: a workspace_membership's workspace is a
-    // full workspace whose links are closed, and allOf parts are merged.
-    let all = schemas();
-    let membership = &all["definitions"]["workspace_membership"];
-    assert_eq!(membership["required"], json!(["type"]));
-    assert_eq!(
-        membership["properties"]["workspace"]["properties"]["links"]["additionalProperties"],
-        false
+fn a_schema_that_is_not_in_the_file_is_an_error_not_a_pass() {
+    let schemas = schema::Schemas::new(schemas()).unwrap();
+    assert!(schemas
+        .validate("definitions", "no_such", &json!({}))
+        .is_err());
+}
+
+#[tokio::test]
+async fn the_schemas_follow_the_spec_where_it_is_nested() {
+    // Guards the references: a workspace_membership's workspace is a full
+    // workspace whose links are closed, its user an account, and the
+    // spec's `object` (allOf) requires `type`.
+    let (fake, http) = start().await;
+    let token = access_token(&fake, &http, "alice").await;
+    let url = format!("{}/user/workspaces/wonderland/permission", fake.api_url());
+    let (_, body) = get_json(&http, &url, Some(&token)).await;
+    assert_valid("definitions", "workspace_membership", &body);
+    assert_valid("local_definitions", "workspace_permission", &body);
+    let links = spoiled(&body, |v| {
+        v["workspace"]["links"]["not_a_link_name"] = json!({"href": "http://x/"})
+    });
+    assert_invalid(
+        "definitions",
+        "workspace_membership",
+        &links,
+        "an unknown workspace link",
     );
-    assert!(all["definitions"]["user"]["properties"]["nickname"].is_object());
-    assert!(all["definitions"]["user"]["properties"]["display_name"].is_object());
+    let name = spoiled(&body, |v| v["user"]["display_name"] = json!(1));
+    assert_invalid(
+        "definitions",
+        "workspace_membership",
+        &name,
+        "a number for the user's display_name",
+    );
+    let no_type = spoiled(&body, |v| {
+        v.as_object_mut().unwrap().remove("type");
+    });
+    assert_invalid("definitions", "workspace_membership", &no_type, "no type");
+    let permission = spoiled(&body, |v| v["permission"] = json!("admin"));
+    assert_valid("definitions", "workspace_membership", &permission);
+    assert_invalid(
+        "local_definitions",
+        "workspace_permission",
+        &permission,
+        "an unknown permission",
+    );
 }
 
 #[test]
