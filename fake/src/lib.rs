@@ -1,6 +1,16 @@
 //! A faithful fake Bitbucket Cloud (as it behaves in 2026), served over real
 //! HTTP on loopback, for the `demo` command, the tests and the benchmarks.
 //!
+//! This is the `fake-bitbucket` crate of the bitbucket-connector workspace
+//! (`fake/`). It does not depend on the service; the service depends on it
+//! only through its `demo` cargo feature (on by default), so it ships in the
+//! binary only with `demo` (`demo`, `fake-bitbucket` and the walkthrough): a
+//! build with `--no-default-features` has neither the fake nor its
+//! unauthenticated fault injection. The tests and benchmarks use it as a
+//! dev-dependency. Its control API (`/_fake/...`, for a test in another
+//! process) is documented in `fake/src/control.rs` and in the README's
+//! command line section.
+//!
 //! What it fakes, and where it deliberately differs from the real service:
 //! - OAuth 2.0: `GET /site/oauth2/authorize` redirects at once (no consent
 //!   page) to the consumer's registered callback with `code` and `state`.
