@@ -6,7 +6,7 @@
 //! - [`grpc`]: proto <-> domain, and the one place errors become `tonic::Status`;
 //! - [`server`]: the tonic server, health, reflection, auth, limits, shutdown;
 //! - [`sealing`]: connector data sealed with the operator's keys;
-//! - [`walkthrough`] and `cli::demo` (feature `demo`, on by default): the demo
+//! - `walkthrough` and `cli::demo` (feature `demo`, on by default): the demo
 //!   against the fake Bitbucket of the `fake-bitbucket` crate (`fake/`).
 #![cfg_attr(
     not(test),
