@@ -1,8 +1,16 @@
 //! The YAML config file -> a validated [`Config`].
 //!
-//! The file is read into a generic tree first and walked by hand, so that every
-//! problem (unknown key, wrong type, missing value, unset `$VAR`, bad duration…)
-//! is reported at once with its key path, as `path.to.key: reason`.
+//! Two steps. The file is read into serde types that mirror it (`Raw*`, keys
+//! in dex's camelCase); every key is a `Field` that holds either its value or
+//! what is wrong with it, so a bad value never hides the next problem, and keys
+//! no struct names are collected by `serde_ignored` with their paths. Then one
+//! validation pass (`Check`) expands `$VAR`s where the contract says, applies
+//! defaults and cross-key rules, and builds the [`Config`] the rest of the
+//! crate reads, or reports every problem at once, in file order, as
+//! `path.to.key: reason`. Durations use Go's syntax ([`GoDuration`]).
+//!
+//! Code and tests can also build a [`Config`] directly ([`Config::new`],
+//! [`ConnectorConfig::new`]), with the same defaults as the file.
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
@@ -11,10 +19,17 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use base64::Engine as _;
+use serde::de::value::MapAccessDeserializer;
+use serde::de::{MapAccess, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 use url::Url;
 
 use crate::secret::Secret;
+
+mod duration;
+
+pub use duration::{GoDuration, ParseDurationError};
 
 pub const CONNECTOR_TYPE: &str = "bitbucket-cloud";
 pub const DEFAULT_AUTH_URL: &str = "https://bitbucket.org/site/oauth2/authorize";
@@ -217,6 +232,104 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+// Building a `Config` in code (the demo, tests): the same defaults as the file.
+
+impl Config {
+    /// One or more connectors, sealing with `keys[0]`; every other section
+    /// as an empty file section would leave it.
+    pub fn new(keys: Vec<DataKey>, connectors: Vec<ConnectorConfig>) -> Config {
+        Config {
+            grpc: GrpcConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            logger: LoggerConfig::default(),
+            connector_data: ConnectorDataConfig {
+                keys,
+                accept_dex_plaintext: false,
+            },
+            connectors,
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            addr: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5557))),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            reflection: true,
+            auth_tokens: Vec::new(),
+            shutdown_timeout: Duration::from_secs(10),
+            max_request_bytes: 64 * 1024,
+            max_in_flight: 1024,
+            default_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(60),
+            max_connections: 1024,
+            connection_idle_timeout: Duration::from_secs(5 * 60),
+            max_concurrent_streams: 100,
+        }
+    }
+}
+
+impl ConnectorConfig {
+    /// A connector against Bitbucket Cloud's own endpoints, with every
+    /// option at its default.
+    pub fn new(
+        id: impl Into<String>,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: impl Into<String>,
+    ) -> ConnectorConfig {
+        ConnectorConfig {
+            id: id.into(),
+            name: "Bitbucket Cloud".to_string(),
+            client_id: client_id.into(),
+            client_secret,
+            redirect_uri: redirect_uri.into(),
+            teams: Vec::new(),
+            include_team_groups: false,
+            get_workspace_permissions: false,
+            team_groups_auth: None,
+            team_groups_cache_ttl: Duration::from_secs(60),
+            auth_url: default_url(DEFAULT_AUTH_URL),
+            token_url: default_url(DEFAULT_TOKEN_URL),
+            api_url: default_url(DEFAULT_API_URL),
+            legacy_api_url: default_url(DEFAULT_LEGACY_API_URL),
+            upstream_timeout: Duration::from_secs(10),
+            upstream_max_in_flight: crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
+            team_groups: Vec::new(),
+            permission_cache_ttl: Duration::from_secs(600),
+            refresh_cache_ttl: Duration::ZERO,
+            rate_limit_backoff: Duration::from_secs(60),
+        }
+    }
+
+    /// The same connector against other endpoints (a proxy, the fake):
+    /// `authURL`, `tokenURL`, `apiURL`, `legacyAPIURL`, each checked as the
+    /// file's are.
+    pub fn with_endpoints(
+        mut self,
+        auth_url: &str,
+        token_url: &str,
+        api_url: &str,
+        legacy_api_url: &str,
+    ) -> Result<ConnectorConfig, String> {
+        self.auth_url = parse_http_url(auth_url)?;
+        self.token_url = parse_http_url(token_url)?;
+        self.api_url = parse_http_url(api_url)?;
+        self.legacy_api_url = parse_http_url(legacy_api_url)?;
+        Ok(self)
+    }
+}
+
+/// The built-in Bitbucket Cloud URLs; `default_urls_parse` tests each.
+fn default_url(s: &'static str) -> Url {
+    #[allow(clippy::expect_used)]
+    Url::parse(s).expect("a built-in Bitbucket URL")
+}
+
 impl Config {
     /// Reads and validates a config file, with `$VAR`s taken from the process
     /// environment, and checks that the TLS files it names can be read: every
@@ -226,51 +339,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
         let env: BTreeMap<String, String> = std::env::vars().collect();
-        Config::parse_inner(&text, &|name: &str| env.get(name).cloned(), true).map_err(
-            |ConfigErrors(errs)| {
-                ConfigErrors(
-                    errs.into_iter()
-                        .map(|e| match e.strip_prefix(YAML_ERROR) {
-                            Some(rest) => format!("{}: {YAML_ERROR}{rest}", path.display()),
-                            None => e,
-                        })
-                        .collect(),
-                )
-            },
-        )
+        let tree = parse_yaml(&text)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+        Check::run(tree, &|name: &str| env.get(name).cloned(), true)
     }
 
     /// Parses and validates YAML text; `env` resolves `$VAR`s.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-        Config::parse_inner(text, env, false)
-    }
-
-    fn parse_inner(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-        check_files: bool,
-    ) -> Result<Config, ConfigErrors> {
-        let tree: Value = if text.trim().is_empty() {
-            Value::Object(Default::default())
-        } else {
-            // YAML 1.2 booleans (a secret `on` or `yes` stays a string), and
-            // errors without the snippet of the file (it may hold a secret).
-            let mut options = serde_saphyr::Options::default();
-            options.strict_booleans = true;
-            options.with_snippet = false;
-            serde_saphyr::from_str_with_options(text, options)
-                .map_err(|e| ConfigErrors(vec![yaml_error(&e.to_string())]))?
-        };
-        let mut w = Walker {
-            errors: Vec::new(),
-            env,
-            check_files,
-        };
-        let cfg = w.config(&tree);
-        match cfg {
-            Some(cfg) if w.errors.is_empty() => Ok(cfg),
-            _ => Err(ConfigErrors(w.errors)),
-        }
+        let tree = parse_yaml(text).map_err(|e| ConfigErrors(vec![e]))?;
+        Check::run(tree, env, false)
     }
 
     /// Problems that only show once files are looked at (TLS material).
@@ -286,38 +363,69 @@ impl Config {
     }
 }
 
+/// The YAML as a tree; a syntax error is one problem without a path.
+fn parse_yaml(text: &str) -> Result<Value, String> {
+    if text.trim().is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    // YAML 1.2 booleans (a secret `on` or `yes` stays a string), and errors
+    // without the snippet of the file (it may hold a secret).
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        // The first line only: the rest quotes lines of the file.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default().trim();
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        format!("invalid YAML: {first}")
+    })
+}
+
 fn file_problem(key: &str, p: &Path) -> Option<String> {
     // Read, not only opened: a directory opens but does not read.
     let e = std::fs::read(p).err()?;
     Some(format!("{key}: cannot read {}: {e}", p.display()))
 }
 
-const YAML_ERROR: &str = "invalid YAML: ";
+// The file as serde types. Every key is a `Field`, which holds what was there
+// or the problem with it, so that one bad value never hides the others; keys
+// that no struct names are collected by `serde_ignored` with their paths.
 
-/// The parser's first line only: its rendering quotes lines of the file,
-/// which may hold a secret.
-fn yaml_error(e: &str) -> String {
-    let first = e.lines().next().unwrap_or_default().trim();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("{YAML_ERROR}{first}")
+/// One key of the file: absent, `null`, a value, or why its value is unusable.
+#[derive(Debug, Default)]
+enum Field<T> {
+    #[default]
+    Absent,
+    Null,
+    Ok(T),
+    Bad(String),
 }
 
-struct Walker<'a> {
-    errors: Vec<String>,
-    env: &'a dyn Fn(&str) -> Option<String>,
-    /// Also report TLS files that cannot be read (`Config::load`).
-    check_files: bool,
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
+impl<T> Field<T> {
+    /// Absent and `null` alike mean "not set".
+    fn into_option(self) -> Result<Option<T>, String> {
+        match self {
+            Field::Absent | Field::Null => Ok(None),
+            Field::Ok(v) => Ok(Some(v)),
+            Field::Bad(e) => Err(e),
+        }
     }
 }
 
-fn type_name(v: &Value) -> &'static str {
+/// How a type is read as a `Field`: a scalar from its value, a section or a
+/// list by visiting it (so that `serde_ignored` sees the keys inside).
+trait Shape: Sized {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error>;
+}
+
+impl<'de, T: Shape> Deserialize<'de> for Field<T> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        T::field(d)
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -328,7 +436,336 @@ fn type_name(v: &Value) -> &'static str {
     }
 }
 
-type Map = serde_json::Map<String, Value>;
+/// A scalar key: its value, converted by `convert`.
+fn scalar<'de, D: Deserializer<'de>, T>(
+    d: D,
+    convert: impl FnOnce(Value) -> Result<T, String>,
+) -> Result<Field<T>, D::Error> {
+    Ok(match Value::deserialize(d)? {
+        Value::Null => Field::Null,
+        v => convert(v).map_or_else(Field::Bad, Field::Ok),
+    })
+}
+
+/// A string (numbers are accepted as their text), before any `$VAR` expansion.
+#[derive(Debug)]
+struct Text(String);
+
+impl Shape for Text {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error> {
+        scalar(d, |v| match v {
+            Value::String(s) => Ok(Text(s)),
+            Value::Number(n) => Ok(Text(n.to_string())),
+            other => Err(format!("expected a string, got {}", kind(&other))),
+        })
+    }
+}
+
+impl Shape for bool {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error> {
+        scalar(d, |v| match v {
+            Value::Bool(b) => Ok(b),
+            other => Err(format!("expected true or false, got {}", kind(&other))),
+        })
+    }
+}
+
+/// A number as written; whether it is a count in range is validation's call.
+#[derive(Debug)]
+struct Number(serde_json::Number);
+
+impl Shape for Number {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error> {
+        scalar(d, |v| match v {
+            Value::Number(n) => Ok(Number(n)),
+            other => Err(format!("expected a number, got {}", kind(&other))),
+        })
+    }
+}
+
+/// The durations of this file: Go's syntax, never negative.
+impl Shape for Duration {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error> {
+        Ok(match Text::field(d)? {
+            Field::Ok(Text(s)) => match s.trim().parse::<GoDuration>() {
+                Err(_) => Field::Bad(format!(
+                    "{s:?} is not a duration (use Go's syntax: 500ms, 60s, 5m, 1h30m)"
+                )),
+                Ok(g) => match g.to_std() {
+                    None => Field::Bad(format!("{s:?} is negative")),
+                    Some(d) if d > MAX_DURATION => Field::Bad(format!(
+                        "{s:?} is too long (at most {}s)",
+                        MAX_DURATION.as_secs()
+                    )),
+                    Some(d) => Field::Ok(d),
+                },
+            },
+            Field::Absent => Field::Absent,
+            Field::Null => Field::Null,
+            Field::Bad(e) => Field::Bad(e),
+        })
+    }
+}
+
+/// Longer than any timeout or TTL means; keeps `Instant + d` far from overflow.
+const MAX_DURATION: Duration = Duration::from_secs(1_000_000_000);
+
+/// A section: a mapping read into `T`.
+#[derive(Debug, Default)]
+struct Section<T>(T);
+
+impl<T: for<'de> Deserialize<'de>> Shape for Section<T> {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
+            type Value = Field<Section<T>>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a mapping")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
+                T::deserialize(MapAccessDeserializer::new(map)).map(|t| Field::Ok(Section(t)))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                while seq.next_element::<Value>()?.is_some() {}
+                Ok(Field::Bad("expected a mapping, got a list".into()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a mapping, got a boolean".into()))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a mapping, got a number".into()))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a mapping, got a number".into()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a mapping, got a number".into()))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a mapping, got a string".into()))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+/// A list of `T`s, each a `Field` of its own (`key[i]`).
+impl<T: Shape> Shape for Vec<Field<T>> {
+    fn field<'de, D: Deserializer<'de>>(d: D) -> Result<Field<Self>, D::Error> {
+        struct V<T>(std::marker::PhantomData<T>);
+        impl<'de, T: Shape> Visitor<'de> for V<T> {
+            type Value = Field<Vec<Field<T>>>;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut items = Vec::new();
+                while let Some(item) = seq.next_element::<Field<T>>()? {
+                    items.push(item);
+                }
+                Ok(Field::Ok(items))
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+                while map.next_entry::<Value, Value>()?.is_some() {}
+                Ok(Field::Bad("expected a list, got a mapping".into()))
+            }
+            fn visit_unit<E>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_none<E>(self) -> Result<Self::Value, E> {
+                Ok(Field::Null)
+            }
+            fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a list, got a boolean".into()))
+            }
+            fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a list, got a number".into()))
+            }
+            fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a list, got a number".into()))
+            }
+            fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a list, got a number".into()))
+            }
+            fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
+                Ok(Field::Bad("expected a list, got a string".into()))
+            }
+        }
+        d.deserialize_any(V(std::marker::PhantomData))
+    }
+}
+
+type List<T> = Field<Vec<Field<T>>>;
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawConfig {
+    grpc: Field<Section<RawGrpc>>,
+    telemetry: Field<Section<RawTelemetry>>,
+    logger: Field<Section<RawLogger>>,
+    connector_data: Field<Section<RawConnectorData>>,
+    connectors: List<Section<RawConnector>>,
+    cache: Field<Section<RawCache>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawGrpc {
+    addr: Field<Text>,
+    tls_cert: Field<Text>,
+    tls_key: Field<Text>,
+    #[serde(rename = "tlsClientCA")]
+    tls_client_ca: Field<Text>,
+    reflection: Field<bool>,
+    auth_tokens: List<Text>,
+    shutdown_timeout: Field<Duration>,
+    max_request_bytes: Field<Number>,
+    max_in_flight: Field<Number>,
+    default_timeout: Field<Duration>,
+    keepalive_interval: Field<Duration>,
+    max_connections: Field<Number>,
+    connection_idle_timeout: Field<Duration>,
+    max_concurrent_streams: Field<Number>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawTelemetry {
+    http: Field<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawLogger {
+    level: Field<Text>,
+    format: Field<Text>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawConnectorData {
+    keys: List<Text>,
+    accept_dex_plaintext: Field<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawCache {
+    redis: Field<Section<RawRedis>>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawRedis {
+    url: Field<Text>,
+}
+
+/// A dex connector entry.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawConnector {
+    #[serde(rename = "type")]
+    kind: Field<Text>,
+    id: Field<Text>,
+    name: Field<Text>,
+    config: Field<Section<RawConnectorOptions>>,
+}
+
+/// A connector entry's `config`: dex's bitbucket-cloud keys, then ours.
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawConnectorOptions {
+    #[serde(rename = "clientID")]
+    client_id: Field<Text>,
+    client_secret: Field<Text>,
+    #[serde(rename = "redirectURI")]
+    redirect_uri: Field<Text>,
+    teams: List<Text>,
+    include_team_groups: Field<bool>,
+    get_workspace_permissions: Field<bool>,
+    team_groups_auth: Field<Section<RawBasicAuth>>,
+    #[serde(rename = "teamGroupsCacheTTL")]
+    team_groups_cache_ttl: Field<Duration>,
+    #[serde(rename = "authURL")]
+    auth_url: Field<Text>,
+    #[serde(rename = "tokenURL")]
+    token_url: Field<Text>,
+    #[serde(rename = "apiURL")]
+    api_url: Field<Text>,
+    #[serde(rename = "legacyAPIURL")]
+    legacy_api_url: Field<Text>,
+    upstream_timeout: Field<Duration>,
+    upstream_max_in_flight: Field<Number>,
+    team_groups: List<Text>,
+    #[serde(rename = "permissionCacheTTL")]
+    permission_cache_ttl: Field<Duration>,
+    #[serde(rename = "refreshCacheTTL")]
+    refresh_cache_ttl: Field<Duration>,
+    rate_limit_backoff: Field<Duration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(default, rename_all = "camelCase")]
+struct RawBasicAuth {
+    username: Field<Text>,
+    password: Field<Text>,
+}
+
+/// The keys a derived struct accepts, as serde's derive lists them; for
+/// "did you mean", so that no key is named twice.
+fn keys_of<T: for<'de> Deserialize<'de>>() -> &'static [&'static str] {
+    struct Keys<'a>(&'a mut &'static [&'static str]);
+    impl<'de> Deserializer<'de> for Keys<'_> {
+        type Error = serde::de::value::Error;
+        fn deserialize_struct<V: Visitor<'de>>(
+            self,
+            _: &'static str,
+            fields: &'static [&'static str],
+            _: V,
+        ) -> Result<V::Value, Self::Error> {
+            *self.0 = fields;
+            Err(serde::de::Error::custom("only the keys were wanted"))
+        }
+        fn deserialize_any<V: Visitor<'de>>(self, _: V) -> Result<V::Value, Self::Error> {
+            Err(serde::de::Error::custom("not a struct"))
+        }
+        serde::forward_to_deserialize_any! {
+            bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string
+            bytes byte_buf option unit unit_struct newtype_struct seq tuple
+            tuple_struct map enum identifier ignored_any
+        }
+    }
+    let mut keys: &'static [&'static str] = &[];
+    let _ = T::deserialize(Keys(&mut keys));
+    keys
+}
+
+/// `a.b[0].c` from serde_ignored's path.
+fn path_text(p: &serde_ignored::Path) -> String {
+    use serde_ignored::Path as P;
+    match p {
+        P::Root => String::new(),
+        P::Seq { parent, index } => format!("{}[{index}]", path_text(parent)),
+        P::Map { parent, key } => join(&path_text(parent), key),
+        P::Some { parent } | P::NewtypeStruct { parent } | P::NewtypeVariant { parent } => {
+            path_text(parent)
+        }
+    }
+}
+
+fn join(path: &str, key: &str) -> String {
+    if path.is_empty() {
+        key.to_string()
+    } else {
+        format!("{path}.{key}")
+    }
+}
 
 /// The allowed key closest to an unknown one, ignoring case, if it is near
 /// enough to be a slip (one edit per four characters, at least one).
@@ -342,78 +779,131 @@ fn did_you_mean<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
         .map(|(_, a)| a)
 }
 
-impl Walker<'_> {
-    fn err(&mut self, path: &str, msg: impl fmt::Display) {
-        self.errors.push(format!("{path}: {msg}"));
+/// The validation pass: raw file types -> `Config`, every problem recorded in
+/// file order (a section's unknown keys first, then its keys as read).
+struct Check<'a> {
+    problems: Vec<String>,
+    /// Unknown keys not reported yet: (path of their mapping, key).
+    unknown: Vec<(String, String)>,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    /// Also report TLS files that cannot be read (`Config::load`).
+    check_files: bool,
+}
+
+impl Check<'_> {
+    fn run(
+        tree: Value,
+        env: &dyn Fn(&str) -> Option<String>,
+        check_files: bool,
+    ) -> Result<Config, ConfigErrors> {
+        let mut unknown = Vec::new();
+        let raw: Result<Field<Section<RawConfig>>, _> =
+            serde_ignored::deserialize(tree, |p: serde_ignored::Path| {
+                if let serde_ignored::Path::Map { parent, key } = &p {
+                    unknown.push((path_text(parent), key.clone()));
+                }
+            });
+        let mut c = Check {
+            problems: Vec::new(),
+            unknown,
+            env,
+            check_files,
+        };
+        let cfg = match raw {
+            Ok(raw) => c.section("", raw, |c, raw: RawConfig| c.config(raw)),
+            // The `Field`s take any value, so this is not expected.
+            Err(e) => {
+                c.err("", e);
+                None
+            }
+        };
+        // Unknown keys under a section that was not read (none expected).
+        for (parent, key) in std::mem::take(&mut c.unknown) {
+            c.err(&join(&parent, &key), "unknown key");
+        }
+        match cfg {
+            Some(cfg) if c.problems.is_empty() => Ok(cfg),
+            _ => Err(ConfigErrors(c.problems)),
+        }
     }
 
-    /// A mapping with only `allowed` keys; `null` counts as empty.
-    fn object<'v>(
+    fn err(&mut self, path: &str, msg: impl fmt::Display) {
+        self.problems.push(format!("{path}: {msg}"));
+    }
+
+    /// A key's problem, if any, recorded; `None` when unset or unusable.
+    fn get<T>(&mut self, path: &str, f: Field<T>) -> Option<T> {
+        f.into_option().unwrap_or_else(|e| {
+            self.err(path, e);
+            None
+        })
+    }
+
+    /// A section: its unknown keys, then `read` over it (an absent or `null`
+    /// section reads as an empty one); `None` if it is no mapping.
+    fn section<T, R>(
         &mut self,
         path: &str,
-        v: Option<&'v Value>,
-        allowed: &[&str],
-    ) -> Option<&'v Map> {
-        static EMPTY: std::sync::OnceLock<Map> = std::sync::OnceLock::new();
-        match v {
-            None | Some(Value::Null) => Some(EMPTY.get_or_init(Map::new)),
-            Some(Value::Object(m)) => {
-                for k in m.keys() {
-                    if !allowed.contains(&k.as_str()) {
-                        let hint = did_you_mean(k, allowed)
-                            .map(|a| format!(" (did you mean {a:?}?)"))
-                            .unwrap_or_default();
-                        self.err(&join(path, k), format!("unknown key{hint}"));
-                    }
-                }
-                Some(m)
+        f: Field<Section<T>>,
+        read: impl FnOnce(&mut Self, T) -> R,
+    ) -> Option<R>
+    where
+        T: Default + for<'de> Deserialize<'de>,
+    {
+        let raw = match f {
+            Field::Absent | Field::Null => T::default(),
+            Field::Ok(Section(t)) => t,
+            Field::Bad(e) => {
+                self.err(path, e);
+                return None;
             }
-            Some(other) => {
-                self.err(
-                    path,
-                    format!("expected a mapping, got {}", type_name(other)),
-                );
-                None
-            }
+        };
+        let allowed = keys_of::<T>();
+        let (here, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.unknown)
+            .into_iter()
+            .partition(|(parent, _)| parent == path);
+        self.unknown = rest;
+        for (_, key) in here {
+            let hint = did_you_mean(&key, allowed)
+                .map(|a| format!(" (did you mean {a:?}?)"))
+                .unwrap_or_default();
+            self.err(&join(path, &key), format!("unknown key{hint}"));
         }
+        Some(read(self, raw))
     }
 
-    /// A plain string, no expansion. Numbers are accepted as their text.
-    fn raw_string(&mut self, path: &str, v: Option<&Value>) -> Option<String> {
-        match v {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(other) => {
-                self.err(path, format!("expected a string, got {}", type_name(other)));
-                None
-            }
-        }
+    /// A plain string, no expansion.
+    fn raw_string(&mut self, path: &str, f: Field<Text>) -> Option<String> {
+        self.get(path, f).map(|Text(s)| s)
     }
 
     /// A string with `$VAR` / `${VAR}` expanded.
-    fn string(&mut self, path: &str, v: Option<&Value>) -> Option<String> {
-        let s = self.raw_string(path, v)?;
-        match expand_env(&s, self.env) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                self.err(path, e);
-                None
-            }
-        }
+    fn string(&mut self, path: &str, f: Field<Text>) -> Option<String> {
+        let s = self.raw_string(path, f)?;
+        expand_env(&s, self.env).map_err(|e| self.err(path, e)).ok()
     }
 
-    fn required(&mut self, path: &str, v: Option<String>) -> String {
-        let reported = format!("{path}: ");
-        if v.is_none() && self.errors.iter().any(|e| e.starts_with(&reported)) {
-            return String::new();
-        }
+    /// A string that must be set and not blank, `$VAR`s expanded (or not):
+    /// "required" only when nothing else was wrong with it.
+    fn required(&mut self, path: &str, f: Field<Text>, expand: bool) -> String {
+        let reported = matches!(f, Field::Bad(_));
+        let v = if expand {
+            let had = !matches!(f, Field::Absent | Field::Null);
+            let v = self.string(path, f);
+            if had && v.is_none() {
+                return String::new();
+            }
+            v
+        } else {
+            self.raw_string(path, f)
+        };
         match v {
             Some(s) if !s.trim().is_empty() => s,
             Some(_) => {
                 self.err(path, "must not be empty");
                 String::new()
             }
+            None if reported => String::new(),
             None => {
                 self.err(path, "required");
                 String::new()
@@ -421,142 +911,98 @@ impl Walker<'_> {
         }
     }
 
-    fn bool(&mut self, path: &str, v: Option<&Value>, default: bool) -> bool {
-        match v {
-            None | Some(Value::Null) => default,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
+    fn bool(&mut self, path: &str, f: Field<bool>, default: bool) -> bool {
+        self.get(path, f).unwrap_or(default)
+    }
+
+    fn duration(&mut self, path: &str, f: Field<Duration>, default: Duration) -> Duration {
+        self.get(path, f).unwrap_or(default)
+    }
+
+    fn count(&mut self, path: &str, f: Field<Number>, default: usize, min: usize) -> usize {
+        let Some(Number(n)) = self.get(path, f) else {
+            return default;
+        };
+        match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
+            Some(n) if n >= min => n,
+            _ => {
                 self.err(
                     path,
-                    format!("expected true or false, got {}", type_name(other)),
+                    format!("expected a whole number of at least {min}, got {n}"),
                 );
                 default
             }
         }
     }
 
-    fn duration(&mut self, path: &str, v: Option<&Value>, default: Duration) -> Duration {
-        let Some(s) = self.raw_string(path, v) else {
-            return default;
-        };
-        match parse_go_duration(&s) {
-            Ok(d) => d,
-            Err(e) => {
-                self.err(path, e);
-                default
-            }
-        }
-    }
-
-    fn usize(&mut self, path: &str, v: Option<&Value>, default: usize, min: usize) -> usize {
-        match v {
-            None | Some(Value::Null) => default,
-            Some(Value::Number(n)) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
-                Some(n) if n >= min => n,
-                _ => {
-                    self.err(
-                        path,
-                        format!("expected a whole number of at least {min}, got {n}"),
-                    );
-                    default
-                }
-            },
-            Some(other) => {
-                self.err(path, format!("expected a number, got {}", type_name(other)));
-                default
-            }
-        }
-    }
-
-    fn list<'v>(&mut self, path: &str, v: Option<&'v Value>) -> &'v [Value] {
-        match v {
-            None | Some(Value::Null) => &[],
-            Some(Value::Array(a)) => a,
-            Some(other) => {
-                self.err(path, format!("expected a list, got {}", type_name(other)));
-                &[]
-            }
-        }
-    }
-
-    fn string_list(&mut self, path: &str, v: Option<&Value>, expand: bool) -> Vec<String> {
-        let items = self.list(path, v);
+    /// A list of non-blank strings, `$VAR`s expanded or not.
+    fn strings(&mut self, path: &str, f: List<Text>, expand: bool) -> Vec<String> {
+        let items = self.get(path, f).unwrap_or_default();
         let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let p = format!("{path}[{i}]");
+            let null = matches!(item, Field::Null);
             let s = if expand {
-                self.string(&p, Some(item))
+                self.string(&p, item)
             } else {
-                self.raw_string(&p, Some(item))
+                self.raw_string(&p, item)
             };
             match s {
                 Some(s) if !s.trim().is_empty() => out.push(s),
                 Some(_) => self.err(&p, "must not be empty"),
-                None if item.is_null() => self.err(&p, "must not be empty"),
+                None if null => self.err(&p, "must not be empty"),
                 None => {}
             }
         }
         out
     }
 
-    fn url(&mut self, path: &str, v: Option<&Value>, default: &str) -> Url {
-        let fallback = || Url::parse(default).expect_default();
-        let Some(s) = self.string(path, v) else {
-            return fallback();
-        };
-        match parse_http_url(&s) {
-            Ok(u) => u,
-            Err(e) => {
-                self.err(path, e);
-                fallback()
-            }
-        }
+    fn url(&mut self, path: &str, f: Field<Text>, default: &'static str) -> Url {
+        self.string(path, f)
+            .and_then(|s| parse_http_url(&s).map_err(|e| self.err(path, e)).ok())
+            .unwrap_or_else(|| default_url(default))
     }
 
-    fn config(&mut self, root: &Value) -> Option<Config> {
-        let top = self.object(
-            "",
-            Some(root),
-            &[
-                "grpc",
-                "telemetry",
-                "logger",
-                "connectorData",
-                "connectors",
-                "cache",
-            ],
-        )?;
-        let cache = self.cache(top.get("cache"));
-        let grpc = self.grpc(top.get("grpc"));
-        let telemetry = self.telemetry(top.get("telemetry"));
-        let logger = self.logger(top.get("logger"));
-        let connector_data = self.connector_data(top.get("connectorData"));
-        let connectors = self.connectors(top.get("connectors"));
-        Some(Config {
+    fn config(&mut self, raw: RawConfig) -> Config {
+        let cache = self
+            .section("cache", raw.cache, Self::cache)
+            .unwrap_or_default();
+        let grpc = self
+            .section("grpc", raw.grpc, Self::grpc)
+            .unwrap_or_default();
+        let telemetry = self
+            .section("telemetry", raw.telemetry, Self::telemetry)
+            .unwrap_or_default();
+        let logger = self
+            .section("logger", raw.logger, Self::logger)
+            .unwrap_or_default();
+        let connector_data = self
+            .section("connectorData", raw.connector_data, Self::connector_data)
+            .unwrap_or_else(|| ConnectorDataConfig {
+                keys: Vec::new(),
+                accept_dex_plaintext: false,
+            });
+        let connectors = self.connectors(raw.connectors);
+        Config {
             grpc,
             telemetry,
             logger,
             connector_data,
             connectors,
             cache,
-        })
+        }
     }
 
-    fn cache(&mut self, v: Option<&Value>) -> CacheConfig {
-        let Some(m) = self.object("cache", v, &["redis"]) else {
-            return CacheConfig::default();
-        };
-        if matches!(m.get("redis"), None | Some(Value::Null)) {
+    fn cache(&mut self, raw: RawCache) -> CacheConfig {
+        if matches!(raw.redis, Field::Absent | Field::Null) {
             return CacheConfig::default();
         }
-        let Some(r) = self.object("cache.redis", m.get("redis"), &["url"]) else {
+        let url = self.section("cache.redis", raw.redis, |c, r: RawRedis| {
+            c.required("cache.redis.url", r.url, true)
+        });
+        let Some(url) = url.filter(|u| !u.is_empty()) else {
             return CacheConfig::default();
         };
-        let url = self.string("cache.redis.url", r.get("url"));
-        let url = self.required("cache.redis.url", url);
-        if url.is_empty() {
-            return CacheConfig::default();
-        }
         // The URL may carry a password: problems never repeat it.
         match Url::parse(&url) {
             Ok(u)
@@ -584,49 +1030,23 @@ impl Walker<'_> {
         }
     }
 
-    fn grpc(&mut self, v: Option<&Value>) -> GrpcConfig {
-        const P: &str = "grpc";
-        let m = self
-            .object(
-                P,
-                v,
-                &[
-                    "addr",
-                    "tlsCert",
-                    "tlsKey",
-                    "tlsClientCA",
-                    "reflection",
-                    "authTokens",
-                    "shutdownTimeout",
-                    "maxRequestBytes",
-                    "maxInFlight",
-                    "defaultTimeout",
-                    "keepaliveInterval",
-                    "maxConnections",
-                    "connectionIdleTimeout",
-                    "maxConcurrentStreams",
-                ],
-            )
-            .cloned()
-            .unwrap_or_default();
-        let addr_s = self
-            .raw_string("grpc.addr", m.get("addr"))
-            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
-        let addr = match parse_listen_addr(&addr_s) {
-            Ok(a) => a,
-            Err(e) => {
+    fn grpc(&mut self, raw: RawGrpc) -> GrpcConfig {
+        let d = GrpcConfig::default();
+        let addr = match self.raw_string("grpc.addr", raw.addr) {
+            None => d.addr,
+            Some(s) => parse_listen_addr(&s).unwrap_or_else(|e| {
                 self.err("grpc.addr", e);
-                ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5557)))
-            }
+                d.addr
+            }),
         };
-        let path = |w: &mut Self, key: &str| {
-            w.raw_string(&join(P, key), m.get(key))
+        let path = |c: &mut Self, key: &str, f: Field<Text>| {
+            c.raw_string(key, f)
                 .filter(|s| !s.is_empty())
                 .map(PathBuf::from)
         };
-        let tls_cert = path(self, "tlsCert");
-        let tls_key = path(self, "tlsKey");
-        let tls_client_ca = path(self, "tlsClientCA");
+        let tls_cert = path(self, "grpc.tlsCert", raw.tls_cert);
+        let tls_key = path(self, "grpc.tlsKey", raw.tls_key);
+        let tls_client_ca = path(self, "grpc.tlsClientCA", raw.tls_client_ca);
         if self.check_files {
             for (key, p) in [
                 ("grpc.tlsCert", &tls_cert),
@@ -634,7 +1054,7 @@ impl Walker<'_> {
                 ("grpc.tlsClientCA", &tls_client_ca),
             ] {
                 if let Some(e) = p.as_deref().and_then(|p| file_problem(key, p)) {
-                    self.errors.push(e);
+                    self.problems.push(e);
                 }
             }
         }
@@ -653,7 +1073,7 @@ impl Walker<'_> {
             self.err("grpc.tlsCert", "TLS is not supported on a unix socket");
         }
         let auth_tokens = self
-            .string_list("grpc.authTokens", m.get("authTokens"), true)
+            .strings("grpc.authTokens", raw.auth_tokens, true)
             .into_iter()
             .map(Secret::new)
             .collect();
@@ -662,53 +1082,55 @@ impl Walker<'_> {
             tls_cert,
             tls_key,
             tls_client_ca,
-            reflection: self.bool("grpc.reflection", m.get("reflection"), true),
+            reflection: self.bool("grpc.reflection", raw.reflection, d.reflection),
             auth_tokens,
             shutdown_timeout: self.duration(
                 "grpc.shutdownTimeout",
-                m.get("shutdownTimeout"),
-                Duration::from_secs(10),
+                raw.shutdown_timeout,
+                d.shutdown_timeout,
             ),
-            max_request_bytes: self.usize(
+            max_request_bytes: self.count(
                 "grpc.maxRequestBytes",
-                m.get("maxRequestBytes"),
-                64 * 1024,
+                raw.max_request_bytes,
+                d.max_request_bytes,
                 1024,
             ),
-            max_in_flight: self.usize("grpc.maxInFlight", m.get("maxInFlight"), 1024, 1),
+            max_in_flight: self.count("grpc.maxInFlight", raw.max_in_flight, d.max_in_flight, 1),
             default_timeout: self.duration(
                 "grpc.defaultTimeout",
-                m.get("defaultTimeout"),
-                Duration::from_secs(30),
+                raw.default_timeout,
+                d.default_timeout,
             ),
             keepalive_interval: self.duration(
                 "grpc.keepaliveInterval",
-                m.get("keepaliveInterval"),
-                Duration::from_secs(60),
+                raw.keepalive_interval,
+                d.keepalive_interval,
             ),
-            max_connections: self.usize("grpc.maxConnections", m.get("maxConnections"), 1024, 1),
+            max_connections: self.count(
+                "grpc.maxConnections",
+                raw.max_connections,
+                d.max_connections,
+                1,
+            ),
             connection_idle_timeout: self.duration(
                 "grpc.connectionIdleTimeout",
-                m.get("connectionIdleTimeout"),
-                Duration::from_secs(5 * 60),
+                raw.connection_idle_timeout,
+                d.connection_idle_timeout,
             ),
             max_concurrent_streams: self
-                .usize(
+                .count(
                     "grpc.maxConcurrentStreams",
-                    m.get("maxConcurrentStreams"),
-                    100,
+                    raw.max_concurrent_streams,
+                    d.max_concurrent_streams as usize,
                     1,
                 )
                 .min(u32::MAX as usize) as u32,
         }
     }
 
-    fn telemetry(&mut self, v: Option<&Value>) -> TelemetryConfig {
-        let Some(m) = self.object("telemetry", v, &["http"]) else {
-            return TelemetryConfig::default();
-        };
+    fn telemetry(&mut self, raw: RawTelemetry) -> TelemetryConfig {
         let http = self
-            .raw_string("telemetry.http", m.get("http"))
+            .raw_string("telemetry.http", raw.http)
             .filter(|s| !s.is_empty());
         let http = http.and_then(|s| match parse_listen_addr(&s) {
             Ok(ListenAddr::Tcp(a)) => Some(a),
@@ -724,12 +1146,9 @@ impl Walker<'_> {
         TelemetryConfig { http }
     }
 
-    fn logger(&mut self, v: Option<&Value>) -> LoggerConfig {
-        let Some(m) = self.object("logger", v, &["level", "format"]) else {
-            return LoggerConfig::default();
-        };
+    fn logger(&mut self, raw: RawLogger) -> LoggerConfig {
         let mut cfg = LoggerConfig::default();
-        if let Some(l) = self.raw_string("logger.level", m.get("level")) {
+        if let Some(l) = self.raw_string("logger.level", raw.level) {
             match l.to_ascii_lowercase().as_str() {
                 "error" => cfg.level = tracing::Level::ERROR,
                 "warn" | "warning" => cfg.level = tracing::Level::WARN,
@@ -742,7 +1161,7 @@ impl Walker<'_> {
                 ),
             }
         }
-        if let Some(f) = self.raw_string("logger.format", m.get("format")) {
+        if let Some(f) = self.raw_string("logger.format", raw.format) {
             match f.as_str() {
                 "text" => cfg.format = LogFormat::Text,
                 "json" => cfg.format = LogFormat::Json,
@@ -752,53 +1171,48 @@ impl Walker<'_> {
         cfg
     }
 
-    fn connector_data(&mut self, v: Option<&Value>) -> ConnectorDataConfig {
-        const P: &str = "connectorData";
-        let mut cfg = ConnectorDataConfig {
-            keys: Vec::new(),
-            accept_dex_plaintext: false,
-        };
-        let Some(m) = self.object(P, v, &["keys", "acceptDexPlaintext"]) else {
-            return cfg;
-        };
-        let items = self.list("connectorData.keys", m.get("keys"));
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("connectorData.keys[{i}]");
-            let Some(s) = self.string(&p, Some(item)) else {
-                if item.is_null() {
-                    self.err(&p, "must not be empty");
-                }
-                continue;
-            };
-            match decode_key(&s) {
-                Ok(k) => cfg.keys.push(k),
-                Err(e) => self.err(&p, e),
+    fn connector_data(&mut self, raw: RawConnectorData) -> ConnectorDataConfig {
+        const P: &str = "connectorData.keys";
+        let before = self.problems.len();
+        let mut keys = Vec::new();
+        let items = self.get(P, raw.keys).unwrap_or_default();
+        for (i, item) in items.into_iter().enumerate() {
+            let p = format!("{P}[{i}]");
+            let null = matches!(item, Field::Null);
+            match self.string(&p, item) {
+                Some(s) => match decode_key(&s) {
+                    Ok(k) => keys.push(k),
+                    Err(e) => self.err(&p, e),
+                },
+                None if null => self.err(&p, "must not be empty"),
+                None => {}
             }
         }
-        if cfg.keys.is_empty()
-            && !self
-                .errors
-                .iter()
-                .any(|e| e.starts_with("connectorData.keys"))
-        {
+        if keys.is_empty() && self.problems.len() == before {
             self.err(
-                "connectorData.keys",
+                P,
                 "required: at least one key (base64 of 32 random bytes, e.g. `openssl rand -base64 32`)",
             );
         }
-        cfg.accept_dex_plaintext = self.bool(
-            "connectorData.acceptDexPlaintext",
-            m.get("acceptDexPlaintext"),
-            false,
-        );
-        cfg
+        ConnectorDataConfig {
+            keys,
+            accept_dex_plaintext: self.bool(
+                "connectorData.acceptDexPlaintext",
+                raw.accept_dex_plaintext,
+                false,
+            ),
+        }
     }
 
-    fn connectors(&mut self, v: Option<&Value>) -> Vec<ConnectorConfig> {
-        let items = self.list("connectors", v);
-        if items.is_empty() && !matches!(v, Some(Value::Array(_)) | None | Some(Value::Null)) {
-            return Vec::new();
-        }
+    fn connectors(&mut self, f: List<Section<RawConnector>>) -> Vec<ConnectorConfig> {
+        let items = match f {
+            Field::Absent | Field::Null => Vec::new(),
+            Field::Ok(items) => items,
+            Field::Bad(e) => {
+                self.err("connectors", e);
+                return Vec::new();
+            }
+        };
         if items.is_empty() {
             self.err(
                 "connectors",
@@ -807,9 +1221,12 @@ impl Walker<'_> {
         }
         let mut out = Vec::new();
         let mut ids = HashSet::new();
-        for (i, item) in items.iter().enumerate() {
+        for (i, item) in items.into_iter().enumerate() {
             let p = format!("connectors[{i}]");
-            if let Some(c) = self.connector(&p, item) {
+            if let Some(c) = self
+                .section(&p, item, |c, raw| c.connector(&p, raw))
+                .flatten()
+            {
                 if !ids.insert(c.id.clone()) {
                     self.err(
                         &join(&p, "id"),
@@ -822,93 +1239,73 @@ impl Walker<'_> {
         out
     }
 
-    fn connector(&mut self, p: &str, v: &Value) -> Option<ConnectorConfig> {
-        let m = self.object(p, Some(v), &["type", "id", "name", "config"])?;
-        let ty = self.raw_string(&join(p, "type"), m.get("type"));
-        let ty = self.required(&join(p, "type"), ty);
+    fn connector(&mut self, p: &str, raw: RawConnector) -> Option<ConnectorConfig> {
+        let ty = self.required(&join(p, "type"), raw.kind, false);
         if !ty.is_empty() && ty != CONNECTOR_TYPE {
             self.err(
                 &join(p, "type"),
                 format!("unsupported connector type {ty:?} (only {CONNECTOR_TYPE:?})"),
             );
         }
-        let id = self.raw_string(&join(p, "id"), m.get("id"));
-        let id = self.required(&join(p, "id"), id);
-        let name = self
-            .raw_string(&join(p, "name"), m.get("name"))
-            .unwrap_or_else(|| "Bitbucket Cloud".to_string());
+        let id = self.required(&join(p, "id"), raw.id, false);
+        let name = self.raw_string(&join(p, "name"), raw.name);
         let cp = join(p, "config");
-        if m.get("config").is_none() {
+        if matches!(raw.config, Field::Absent) {
             self.err(&cp, "required");
         }
-        let c = self.object(
-            &cp,
-            m.get("config"),
-            &[
-                "clientID",
-                "clientSecret",
-                "redirectURI",
-                "teams",
-                "includeTeamGroups",
-                "getWorkspacePermissions",
-                "teamGroupsAuth",
-                "teamGroupsCacheTTL",
-                "authURL",
-                "tokenURL",
-                "apiURL",
-                "legacyAPIURL",
-                "upstreamTimeout",
-                "upstreamMaxInFlight",
-                "teamGroups",
-                "permissionCacheTTL",
-                "refreshCacheTTL",
-                "rateLimitBackoff",
-            ],
-        )?;
-        let k = |key: &str| join(&cp, key);
-        let client_id = self.string(&k("clientID"), c.get("clientID"));
-        let client_id = self.required(&k("clientID"), client_id);
-        let client_secret = self.string(&k("clientSecret"), c.get("clientSecret"));
-        let client_secret = Secret::new(self.required(&k("clientSecret"), client_secret));
-        let redirect = self.string(&k("redirectURI"), c.get("redirectURI"));
-        let redirect_uri = self.required(&k("redirectURI"), redirect);
+        let mut c = self
+            .section(&cp, raw.config, |c, raw| c.connector_options(&cp, raw))?
+            .with_id(id);
+        if let Some(name) = name {
+            c.name = name;
+        }
+        Some(c)
+    }
+
+    fn connector_options(&mut self, cp: &str, raw: RawConnectorOptions) -> ConnectorConfig {
+        let k = |key: &str| join(cp, key);
+        let client_id = self.required(&k("clientID"), raw.client_id, true);
+        let client_secret = Secret::new(self.required(&k("clientSecret"), raw.client_secret, true));
+        let redirect_uri = self.required(&k("redirectURI"), raw.redirect_uri, true);
         if !redirect_uri.is_empty() {
             if let Err(e) = parse_http_url(&redirect_uri) {
                 self.err(&k("redirectURI"), e);
             }
         }
-        let teams = self.string_list(&k("teams"), c.get("teams"), true);
-        let include_team_groups =
-            self.bool(&k("includeTeamGroups"), c.get("includeTeamGroups"), false);
+        let d = ConnectorConfig::new("", "", Secret::default(), "");
+        let teams = self.strings(&k("teams"), raw.teams, true);
+        let include_team_groups = self.bool(
+            &k("includeTeamGroups"),
+            raw.include_team_groups,
+            d.include_team_groups,
+        );
         let get_workspace_permissions = self.bool(
             &k("getWorkspacePermissions"),
-            c.get("getWorkspacePermissions"),
-            false,
+            raw.get_workspace_permissions,
+            d.get_workspace_permissions,
         );
         let ap = k("teamGroupsAuth");
-        let team_groups_auth = match c.get("teamGroupsAuth") {
-            None | Some(Value::Null) => None,
-            some => self
-                .object(&ap, some, &["username", "password"])
-                .and_then(|a| {
-                    let u = self.string(&join(&ap, "username"), a.get("username"));
-                    let u = self.required(&join(&ap, "username"), u);
-                    let pw = self.string(&join(&ap, "password"), a.get("password"));
-                    let pw = self.required(&join(&ap, "password"), pw);
-                    (!u.is_empty() && !pw.is_empty()).then(|| BasicAuth {
-                        username: u,
-                        password: Secret::new(pw),
-                    })
-                }),
+        let team_groups_auth = if matches!(raw.team_groups_auth, Field::Absent | Field::Null) {
+            None
+        } else {
+            self.section(&ap, raw.team_groups_auth, |c, a: RawBasicAuth| {
+                let u = c.required(&join(&ap, "username"), a.username, true);
+                let pw = c.required(&join(&ap, "password"), a.password, true);
+                (!u.is_empty() && !pw.is_empty()).then(|| BasicAuth {
+                    username: u,
+                    password: Secret::new(pw),
+                })
+            })
+            .flatten()
         };
         let team_groups_cache_ttl = self.duration(
             &k("teamGroupsCacheTTL"),
-            c.get("teamGroupsCacheTTL"),
-            Duration::from_secs(60),
+            raw.team_groups_cache_ttl,
+            d.team_groups_cache_ttl,
         );
         let mut team_groups = Vec::new();
         for (i, entry) in self
-            .string_list(&k("teamGroups"), c.get("teamGroups"), true)
+            .strings(&k("teamGroups"), raw.team_groups, true)
             .into_iter()
             .enumerate()
         {
@@ -925,25 +1322,23 @@ impl Walker<'_> {
         }
         let permission_cache_ttl = self.duration(
             &k("permissionCacheTTL"),
-            c.get("permissionCacheTTL"),
-            Duration::from_secs(600),
+            raw.permission_cache_ttl,
+            d.permission_cache_ttl,
         );
         let refresh_cache_ttl = self.duration(
             &k("refreshCacheTTL"),
-            c.get("refreshCacheTTL"),
-            Duration::ZERO,
+            raw.refresh_cache_ttl,
+            d.refresh_cache_ttl,
         );
         let rate_limit_backoff = self.duration(
             &k("rateLimitBackoff"),
-            c.get("rateLimitBackoff"),
-            Duration::from_secs(60),
+            raw.rate_limit_backoff,
+            d.rate_limit_backoff,
         );
         if rate_limit_backoff.is_zero() {
             self.err(&k("rateLimitBackoff"), "must be more than 0s");
         }
-        Some(ConnectorConfig {
-            id,
-            name,
+        ConnectorConfig {
             client_id,
             client_secret,
             redirect_uri,
@@ -952,30 +1347,38 @@ impl Walker<'_> {
             get_workspace_permissions,
             team_groups_auth,
             team_groups_cache_ttl,
-            auth_url: self.url(&k("authURL"), c.get("authURL"), DEFAULT_AUTH_URL),
-            token_url: self.url(&k("tokenURL"), c.get("tokenURL"), DEFAULT_TOKEN_URL),
-            api_url: self.url(&k("apiURL"), c.get("apiURL"), DEFAULT_API_URL),
+            auth_url: self.url(&k("authURL"), raw.auth_url, DEFAULT_AUTH_URL),
+            token_url: self.url(&k("tokenURL"), raw.token_url, DEFAULT_TOKEN_URL),
+            api_url: self.url(&k("apiURL"), raw.api_url, DEFAULT_API_URL),
             legacy_api_url: self.url(
                 &k("legacyAPIURL"),
-                c.get("legacyAPIURL"),
+                raw.legacy_api_url,
                 DEFAULT_LEGACY_API_URL,
             ),
             upstream_timeout: self.duration(
                 &k("upstreamTimeout"),
-                c.get("upstreamTimeout"),
-                Duration::from_secs(10),
+                raw.upstream_timeout,
+                d.upstream_timeout,
             ),
-            upstream_max_in_flight: self.usize(
+            upstream_max_in_flight: self.count(
                 &k("upstreamMaxInFlight"),
-                c.get("upstreamMaxInFlight"),
-                crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
+                raw.upstream_max_in_flight,
+                d.upstream_max_in_flight,
                 1,
             ),
             team_groups,
             permission_cache_ttl,
             refresh_cache_ttl,
             rate_limit_backoff,
-        })
+            ..d
+        }
+    }
+}
+
+impl ConnectorConfig {
+    fn with_id(mut self, id: String) -> Self {
+        self.id = id;
+        self
     }
 }
 
@@ -987,18 +1390,6 @@ fn is_slug(s: &str) -> bool {
         && s != ".."
         && s.chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
-}
-
-trait ExpectDefault {
-    fn expect_default(self) -> Url;
-}
-
-impl ExpectDefault for Result<Url, url::ParseError> {
-    /// Built-in default URLs are constants known to parse.
-    #[allow(clippy::expect_used)]
-    fn expect_default(self) -> Url {
-        self.expect("built-in default URL parses")
-    }
 }
 
 /// Expands `$VAR` and `${VAR}` (dex's rule); `$$` is a literal `$`. An unset
@@ -1051,49 +1442,6 @@ pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Strin
 
 fn lookup(name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
     env(name).ok_or_else(|| format!("environment variable ${name} is not set"))
-}
-
-/// Go's `time.ParseDuration` syntax: `300ms`, `1.5h`, `1h30m`, `0`.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration (use Go's syntax: 500ms, 60s, 5m, 1h30m)");
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if t.is_empty() || t.starts_with('-') {
-        return Err(bad());
-    }
-    let t = t.strip_prefix('+').unwrap_or(t);
-    let mut total = 0f64;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        if num_end == 0 {
-            return Err(bad());
-        }
-        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += n * scale;
-        rest = &rest[unit_end..];
-    }
-    if !total.is_finite() || total > 1e9 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(total))
 }
 
 /// `host:port` or `unix:/path`.
@@ -1430,15 +1778,31 @@ connectors:
     }
 
     #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "10", "s", "-1s", "1d", "1h-", "1..5s"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad:?}");
+    fn durations_use_go_syntax_and_are_never_negative() {
+        let with =
+            |d: &str| GOOD.replacen("grpc:\n", &format!("grpc:\n  shutdownTimeout: {d}\n"), 1);
+        let timeout = |d: &str| Config::parse(&with(d), &env).map(|c| c.grpc.shutdown_timeout);
+        assert_eq!(timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(timeout("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(timeout("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(timeout("0s"), Ok(Duration::ZERO));
+        assert_eq!(timeout("\" 5s \""), Ok(Duration::from_secs(5)));
+        for bad in [
+            "\"\"", "10", "s", "-1s", "1d", "1h-", "1..5s", "300000h", "[5s]",
+        ] {
+            let e = timeout(bad).unwrap_err().0;
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(e[0].starts_with("grpc.shutdownTimeout: "), "{bad}: {e:?}");
         }
+        assert_eq!(
+            timeout("-1s").unwrap_err().0,
+            ["grpc.shutdownTimeout: \"-1s\" is negative"]
+        );
+        assert_eq!(
+            timeout("1d").unwrap_err().0,
+            ["grpc.shutdownTimeout: \"1d\" is not a duration (use Go's syntax: 500ms, 60s, 5m, 1h30m)"]
+        );
     }
 
     #[test]
@@ -1527,7 +1891,7 @@ mod fuzz {
 
         #[test]
         fn fuzz_durations_never_panic(s in ".{0,30}") {
-            let _ = parse_go_duration(&s);
+            let _ = s.parse::<GoDuration>();
         }
 
         #[test]
