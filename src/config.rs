@@ -1778,6 +1778,114 @@ connectors:
     }
 
     #[test]
+    fn every_unknown_key_is_reported_with_its_path_and_the_rest_still_checked() {
+        let text = GOOD
+            .replacen("grpc:\n", "colour: red\ngrpc:\n  adr: x\n  tlsCrt: y\n", 1)
+            .replace(
+                "    includeTeamGroups: true\n",
+                "    includeTeamGroups: yes\n    teamGroupsAuth: {user: u, password: p}\n",
+            )
+            .replace(
+                "  name: Bitbucket Cloud\n",
+                "  name: Bitbucket Cloud\n  nmae: x\n",
+            );
+        let errs = Config::parse(&text, &env).unwrap_err().0;
+        assert_eq!(
+            errs,
+            [
+                "colour: unknown key",
+                "grpc.adr: unknown key (did you mean \"addr\"?)",
+                "grpc.tlsCrt: unknown key (did you mean \"tlsCert\"?)",
+                "connectors[0].nmae: unknown key (did you mean \"name\"?)",
+                "connectors[0].config.includeTeamGroups: expected true or false, got a string",
+                "connectors[0].config.teamGroupsAuth.user: unknown key",
+                "connectors[0].config.teamGroupsAuth.username: required",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_config_built_in_code_has_the_defaults_of_an_empty_file_section() {
+        let file = Config::parse(GOOD, &env).unwrap();
+        let c = ConnectorConfig::new(
+            "bitbucket-cloud",
+            "client-id",
+            Secret::new("s"),
+            "http://127.0.0.1:5556/dex/callback",
+        );
+        let code = Config::new(file.connector_data.keys.clone(), vec![c]);
+        let (f, k) = (&file.connectors[0], &code.connectors[0]);
+        assert_eq!(
+            (
+                k.name.as_str(),
+                k.api_url.as_str(),
+                k.legacy_api_url.as_str(),
+                k.auth_url.as_str(),
+                k.token_url.as_str()
+            ),
+            (
+                f.name.as_str(),
+                f.api_url.as_str(),
+                f.legacy_api_url.as_str(),
+                f.auth_url.as_str(),
+                f.token_url.as_str()
+            )
+        );
+        assert_eq!(
+            (
+                k.upstream_timeout,
+                k.upstream_max_in_flight,
+                k.permission_cache_ttl,
+                k.refresh_cache_ttl,
+                k.rate_limit_backoff
+            ),
+            (
+                f.upstream_timeout,
+                f.upstream_max_in_flight,
+                f.permission_cache_ttl,
+                f.refresh_cache_ttl,
+                f.rate_limit_backoff
+            )
+        );
+        assert_eq!(
+            format!("{:?}", code.grpc),
+            format!(
+                "{:?}",
+                Config::parse(&GOOD.replace("  addr: 127.0.0.1:0\n", ""), &env)
+                    .unwrap()
+                    .grpc
+            )
+        );
+        assert_eq!(format!("{:?}", code.logger), format!("{:?}", file.logger));
+        let moved = ConnectorConfig::new("x", "y", Secret::new("z"), "http://h/cb")
+            .with_endpoints(
+                "http://127.0.0.1:1/a",
+                "http://127.0.0.1:1/t",
+                "http://127.0.0.1:1/2.0",
+                "http://127.0.0.1:1/1.0",
+            )
+            .unwrap();
+        assert_eq!(moved.api_url.as_str(), "http://127.0.0.1:1/2.0");
+        assert!(
+            ConnectorConfig::new("x", "y", Secret::new("z"), "http://h/cb")
+                .with_endpoints("ftp://h/a", "http://h/t", "http://h/2.0", "http://h/1.0")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn default_urls_parse() {
+        for u in [
+            DEFAULT_AUTH_URL,
+            DEFAULT_TOKEN_URL,
+            DEFAULT_API_URL,
+            DEFAULT_LEGACY_API_URL,
+        ] {
+            assert_eq!(default_url(u).as_str().trim_end_matches('/'), u);
+        }
+    }
+
+    #[test]
     fn durations_use_go_syntax_and_are_never_negative() {
         let with =
             |d: &str| GOOD.replacen("grpc:\n", &format!("grpc:\n  shutdownTimeout: {d}\n"), 1);
