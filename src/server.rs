@@ -139,14 +139,11 @@ pub async fn serve(
     let serving = Arc::new(AtomicBool::new(false));
 
     let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-        (Some(cert), Some(key)) => Some(Arc::new(
-            ReloadableTls::load(TlsFiles {
-                cert: cert.clone(),
-                key: key.clone(),
-                client_ca: cfg.tls_client_ca.clone(),
-            })
-            .map_err(StartupError::Tls)?,
-        )),
+        (Some(cert), Some(key)) => Some(Arc::new(ReloadableTls::load(TlsFiles {
+            cert: cert.clone(),
+            key: key.clone(),
+            client_ca: cfg.tls_client_ca.clone(),
+        })?)),
         _ => None,
     };
     let mut routes = tonic::service::Routes::new(health_server).add_service(connector_server);

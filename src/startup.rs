@@ -5,6 +5,7 @@ use std::io;
 use std::net::SocketAddr;
 
 use crate::config::{ConfigErrors, ListenAddr};
+use crate::tls::TlsError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartupError {
@@ -15,9 +16,8 @@ pub enum StartupError {
     Listen { addr: ListenAddr, source: io::Error },
     #[error("telemetry.http: cannot listen on {addr}: {source}")]
     TelemetryListen { addr: SocketAddr, source: io::Error },
-    /// TLS material that does not load; the message names the key and file.
-    #[error("{0}")]
-    Tls(String),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
     #[error("{0}")]
     Sealing(String),
     #[error("{0}")]
