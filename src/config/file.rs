@@ -54,7 +54,7 @@ impl<'de, T: Shape> Deserialize<'de> for Field<T> {
     }
 }
 
-pub(super) fn kind(v: &Value) -> &'static str {
+fn kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -66,7 +66,7 @@ pub(super) fn kind(v: &Value) -> &'static str {
 }
 
 /// A scalar key: its value, converted by `convert`.
-pub(super) fn scalar<'de, D: Deserializer<'de>, T>(
+fn scalar<'de, D: Deserializer<'de>, T>(
     d: D,
     convert: impl FnOnce(Value) -> Result<T, String>,
 ) -> Result<Field<T>, D::Error> {
@@ -140,7 +140,7 @@ pub(super) struct Section<T>(pub(super) T);
 
 /// A mapping or a list, visited in place so that `serde_ignored` follows the
 /// keys inside; any other value is a problem, and `null` is not set.
-pub(super) trait Container: Sized {
+trait Container: Sized {
     const EXPECTED: &'static str;
 
     fn map<'de, A: MapAccess<'de>>(mut map: A) -> Result<Field<Self>, A::Error> {
@@ -181,7 +181,7 @@ impl<T: Shape> Container for Vec<Field<T>> {
     }
 }
 
-pub(super) struct ContainerVisitor<T>(std::marker::PhantomData<T>);
+struct ContainerVisitor<T>(std::marker::PhantomData<T>);
 
 impl<T: Container> ContainerVisitor<T> {
     fn got<E>(what: &str) -> Result<Field<T>, E> {
