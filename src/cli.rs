@@ -1,17 +1,21 @@
 //! The commands behind `main.rs`: serve, check-config, demo.
 
+use std::fmt;
 #[cfg(feature = "demo")]
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::ExitCode;
 
 #[cfg(feature = "demo")]
-use base64::Engine as _;
-#[cfg(feature = "demo")]
 use fake_bitbucket::{FakeBitbucket, Fixture};
 
-use crate::config::Config;
+use crate::config::{Config, ConfigErrors, LogFormat};
+#[cfg(feature = "demo")]
+use crate::config::{BasicAuth, ConnectorConfig, DataKey};
+#[cfg(feature = "demo")]
+use crate::secret::Secret;
 use crate::server::{self, App, Listener};
+use crate::startup::StartupError;
 use crate::telemetry;
 #[cfg(feature = "demo")]
 use crate::walkthrough;
@@ -34,38 +38,54 @@ pub fn check_config(path: &Path) -> ExitCode {
     }
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, StartupError> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))
+        .map_err(StartupError::Runtime)
 }
 
 use crate::bitbucket::install_crypto;
 
+/// The exit of a command: 0, or 1 with its error as one stderr line.
+pub fn exit(result: Result<(), impl fmt::Display>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bitbucket-connector: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `serve`: load, bind, serve until SIGTERM/SIGINT.
-pub fn serve(path: &Path) -> Result<(), String> {
-    let cfg = Config::load(path).map_err(|e| e.to_string())?;
+pub fn serve(path: &Path) -> ExitCode {
+    let cfg = match Config::load(path) {
+        Ok(cfg) => cfg,
+        Err(e) => return exit(Err(StartupError::Config(e))),
+    };
     let files = cfg.check_files();
     if !files.is_empty() {
-        return Err(files.join("\n"));
+        return exit(Err(StartupError::Config(ConfigErrors(files))));
     }
     let _log = telemetry::init_logging(&cfg.logger);
     install_crypto();
-    let json = cfg.logger.format == crate::config::LogFormat::Json;
-    let result = runtime()?.block_on(async move {
-        let listener = Listener::bind(&cfg.grpc.addr).await?;
-        warn_if_exposed(&cfg);
-        let app = App::new(cfg)?;
-        server::serve(app, listener, shutdown_signal()).await
+    let json = cfg.logger.format == LogFormat::Json;
+    let result = runtime().and_then(|rt| {
+        rt.block_on(async move {
+            let listener = Listener::bind(&cfg.grpc.addr).await?;
+            warn_if_exposed(&cfg);
+            let app = App::new(cfg)?;
+            server::serve(app, listener, shutdown_signal()).await
+        })
     });
     match result {
         // With JSON logs every line the process writes is JSON, errors included.
         Err(e) if json => {
             tracing::error!(error = %e, "cannot serve");
-            Err(String::new())
+            ExitCode::FAILURE
         }
-        other => other,
+        other => exit(other),
     }
 }
 
@@ -109,51 +129,37 @@ pub fn demo_config(
     fixture: &Fixture,
     addr: SocketAddr,
     telemetry: Option<SocketAddr>,
-    data_key: &str,
-) -> Result<Config, String> {
+    data_key: DataKey,
+) -> Result<Config, StartupError> {
     let (Some(client), Some(admin)) = (fixture.clients.first(), fixture.admins.first()) else {
-        return Err("the demo fixture has no OAuth client or admin credential".into());
+        return Err(StartupError::DemoFixture);
     };
-    let yaml = format!(
-        r#"
-grpc:
-  addr: "{addr}"
-{telemetry}logger:
-  level: info
-connectorData:
-  keys: ["{data_key}"]
-connectors:
-- type: bitbucket-cloud
-  id: bitbucket-cloud
-  name: Bitbucket Cloud (fake)
-  config:
-    clientID: {client_id}
-    clientSecret: {client_secret}
-    redirectURI: {redirect}
-    includeTeamGroups: true
-    getWorkspacePermissions: true
-    teamGroupsAuth:
-      username: {admin_user}
-      password: {admin_password}
-    authURL: {auth}
-    tokenURL: {token}
-    apiURL: {api}
-    legacyAPIURL: {legacy}
-"#,
-        client_id = client.client_id,
-        client_secret = client.client_secret,
-        redirect = client.redirect_uri,
-        admin_user = admin.username,
-        admin_password = admin.password,
-        auth = fake.auth_url(),
-        token = fake.token_url(),
-        api = fake.api_url(),
-        legacy = fake.legacy_api_url(),
-        telemetry = telemetry
-            .map(|t| format!("telemetry:\n  http: \"{t}\"\n"))
-            .unwrap_or_default(),
-    );
-    Config::parse(&yaml, &|_| None).map_err(|e| e.to_string())
+    let connector = ConnectorConfig {
+        name: "Bitbucket Cloud (fake)".to_string(),
+        include_team_groups: true,
+        get_workspace_permissions: true,
+        team_groups_auth: Some(BasicAuth {
+            username: admin.username.clone(),
+            password: Secret::new(admin.password.clone()),
+        }),
+        ..ConnectorConfig::new(
+            "bitbucket-cloud",
+            client.client_id.clone(),
+            Secret::new(client.client_secret.clone()),
+            client.redirect_uri.clone(),
+        )
+    }
+    .with_endpoints(
+        &fake.auth_url(),
+        &fake.token_url(),
+        &fake.api_url(),
+        &fake.legacy_api_url(),
+    )
+    .map_err(StartupError::DemoEndpoint)?;
+    let mut cfg = Config::new(vec![data_key], vec![connector]);
+    cfg.grpc.addr = crate::config::ListenAddr::Tcp(addr);
+    cfg.telemetry.http = telemetry;
+    Ok(cfg)
 }
 
 /// `demo`: the fake Bitbucket plus the service, and a walkthrough to paste;
@@ -164,15 +170,15 @@ pub fn demo(
     telemetry: Option<SocketAddr>,
     walkthrough: bool,
     login_as: &str,
-) -> Result<(), String> {
+) -> Result<(), StartupError> {
     install_crypto();
-    let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 32]>());
+    let key = DataKey(rand::random());
     runtime()?.block_on(async move {
         let fixture = Fixture::demo();
         let fake = FakeBitbucket::start(fixture.clone())
             .await
-            .map_err(|e| format!("cannot start the fake Bitbucket: {e}"))?;
-        let cfg = demo_config(&fake, &fixture, addr, telemetry, &key)?;
+            .map_err(StartupError::Fake)?;
+        let cfg = demo_config(&fake, &fixture, addr, telemetry, key)?;
         let _log = telemetry::init_logging(&cfg.logger);
         let listener = Listener::bind(&cfg.grpc.addr).await?;
         let addr = listener.local_addr().unwrap_or(addr);
@@ -186,11 +192,11 @@ pub fn demo(
         let server = tokio::spawn(server::serve(app, listener, async {
             let _ = stopped.await;
         }));
-        let result = walkthrough::run(addr, &redirect, login_as).await;
-        let _ = stop.send(());
-        let served = server
+        let result = walkthrough::run(addr, &redirect, login_as)
             .await
-            .map_err(|e| format!("the server task failed: {e}"))?;
+            .map_err(StartupError::Walkthrough);
+        let _ = stop.send(());
+        let served = server.await.map_err(StartupError::DemoTask)?;
         result.and(served)
     })
 }

@@ -1,20 +1,35 @@
 //! The YAML config file -> a validated [`Config`].
 //!
-//! The file is read into a generic tree first and walked by hand, so that every
-//! problem (unknown key, wrong type, missing value, unset `$VAR`, bad duration…)
-//! is reported at once with its key path, as `path.to.key: reason`.
+//! Two steps. `file` reads the YAML into serde types that mirror it (`Raw*`,
+//! keys in dex's camelCase); every key is a `Field` that holds either its value
+//! or what is wrong with it, so a bad value never hides the next problem, and
+//! keys no struct names are collected by `serde_ignored` with their paths.
+//! Then `check`, one validation pass, expands `$VAR`s where the contract says,
+//! applies defaults and cross-key rules, and builds the [`Config`] the rest of
+//! the crate reads, or reports every problem at once, in file order, as
+//! `path.to.key: reason`. Durations use Go's syntax ([`GoDuration`]).
+//!
+//! Code and tests can also build a [`Config`] directly ([`Config::new`],
+//! [`ConnectorConfig::new`]), with the same defaults as the file.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use base64::Engine as _;
 use serde_json::Value;
 use url::Url;
 
 use crate::secret::Secret;
+
+mod check;
+mod duration;
+mod file;
+
+pub use check::{decode_key, expand_env, parse_listen_addr};
+use check::{parse_http_url, Check};
+pub use duration::{GoDuration, ParseDurationError};
 
 pub const CONNECTOR_TYPE: &str = "bitbucket-cloud";
 pub const DEFAULT_AUTH_URL: &str = "https://bitbucket.org/site/oauth2/authorize";
@@ -217,6 +232,104 @@ impl fmt::Display for ConfigErrors {
 
 impl std::error::Error for ConfigErrors {}
 
+// Building a `Config` in code (the demo, tests): the same defaults as the file.
+
+impl Config {
+    /// One or more connectors, sealing with `keys[0]`; every other section
+    /// as an empty file section would leave it.
+    pub fn new(keys: Vec<DataKey>, connectors: Vec<ConnectorConfig>) -> Config {
+        Config {
+            grpc: GrpcConfig::default(),
+            telemetry: TelemetryConfig::default(),
+            logger: LoggerConfig::default(),
+            connector_data: ConnectorDataConfig {
+                keys,
+                accept_dex_plaintext: false,
+            },
+            connectors,
+            cache: CacheConfig::default(),
+        }
+    }
+}
+
+impl Default for GrpcConfig {
+    fn default() -> Self {
+        GrpcConfig {
+            addr: ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5557))),
+            tls_cert: None,
+            tls_key: None,
+            tls_client_ca: None,
+            reflection: true,
+            auth_tokens: Vec::new(),
+            shutdown_timeout: Duration::from_secs(10),
+            max_request_bytes: 64 * 1024,
+            max_in_flight: 1024,
+            default_timeout: Duration::from_secs(30),
+            keepalive_interval: Duration::from_secs(60),
+            max_connections: 1024,
+            connection_idle_timeout: Duration::from_secs(5 * 60),
+            max_concurrent_streams: 100,
+        }
+    }
+}
+
+impl ConnectorConfig {
+    /// A connector against Bitbucket Cloud's own endpoints, with every
+    /// option at its default.
+    pub fn new(
+        id: impl Into<String>,
+        client_id: impl Into<String>,
+        client_secret: Secret,
+        redirect_uri: impl Into<String>,
+    ) -> ConnectorConfig {
+        ConnectorConfig {
+            id: id.into(),
+            name: "Bitbucket Cloud".to_string(),
+            client_id: client_id.into(),
+            client_secret,
+            redirect_uri: redirect_uri.into(),
+            teams: Vec::new(),
+            include_team_groups: false,
+            get_workspace_permissions: false,
+            team_groups_auth: None,
+            team_groups_cache_ttl: Duration::from_secs(60),
+            auth_url: default_url(DEFAULT_AUTH_URL),
+            token_url: default_url(DEFAULT_TOKEN_URL),
+            api_url: default_url(DEFAULT_API_URL),
+            legacy_api_url: default_url(DEFAULT_LEGACY_API_URL),
+            upstream_timeout: Duration::from_secs(10),
+            upstream_max_in_flight: crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
+            team_groups: Vec::new(),
+            permission_cache_ttl: Duration::from_secs(600),
+            refresh_cache_ttl: Duration::ZERO,
+            rate_limit_backoff: Duration::from_secs(60),
+        }
+    }
+
+    /// The same connector against other endpoints (a proxy, the fake):
+    /// `authURL`, `tokenURL`, `apiURL`, `legacyAPIURL`, each checked as the
+    /// file's are.
+    pub fn with_endpoints(
+        mut self,
+        auth_url: &str,
+        token_url: &str,
+        api_url: &str,
+        legacy_api_url: &str,
+    ) -> Result<ConnectorConfig, String> {
+        self.auth_url = parse_http_url(auth_url)?;
+        self.token_url = parse_http_url(token_url)?;
+        self.api_url = parse_http_url(api_url)?;
+        self.legacy_api_url = parse_http_url(legacy_api_url)?;
+        Ok(self)
+    }
+}
+
+/// The built-in Bitbucket Cloud URLs; `default_urls_parse` tests each.
+fn default_url(s: &'static str) -> Url {
+    #[allow(clippy::expect_used)]
+    Url::parse(s).expect("a built-in Bitbucket URL")
+}
+
 impl Config {
     /// Reads and validates a config file, with `$VAR`s taken from the process
     /// environment, and checks that the TLS files it names can be read: every
@@ -226,51 +339,15 @@ impl Config {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors(vec![format!("{}: cannot read: {e}", path.display())]))?;
         let env: BTreeMap<String, String> = std::env::vars().collect();
-        Config::parse_inner(&text, &|name: &str| env.get(name).cloned(), true).map_err(
-            |ConfigErrors(errs)| {
-                ConfigErrors(
-                    errs.into_iter()
-                        .map(|e| match e.strip_prefix(YAML_ERROR) {
-                            Some(rest) => format!("{}: {YAML_ERROR}{rest}", path.display()),
-                            None => e,
-                        })
-                        .collect(),
-                )
-            },
-        )
+        let tree = parse_yaml(&text)
+            .map_err(|e| ConfigErrors(vec![format!("{}: {e}", path.display())]))?;
+        Check::run(tree, &|name: &str| env.get(name).cloned(), true)
     }
 
     /// Parses and validates YAML text; `env` resolves `$VAR`s.
     pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
-        Config::parse_inner(text, env, false)
-    }
-
-    fn parse_inner(
-        text: &str,
-        env: &dyn Fn(&str) -> Option<String>,
-        check_files: bool,
-    ) -> Result<Config, ConfigErrors> {
-        let tree: Value = if text.trim().is_empty() {
-            Value::Object(Default::default())
-        } else {
-            // YAML 1.2 booleans (a secret `on` or `yes` stays a string), and
-            // errors without the snippet of the file (it may hold a secret).
-            let mut options = serde_saphyr::Options::default();
-            options.strict_booleans = true;
-            options.with_snippet = false;
-            serde_saphyr::from_str_with_options(text, options)
-                .map_err(|e| ConfigErrors(vec![yaml_error(&e.to_string())]))?
-        };
-        let mut w = Walker {
-            errors: Vec::new(),
-            env,
-            check_files,
-        };
-        let cfg = w.config(&tree);
-        match cfg {
-            Some(cfg) if w.errors.is_empty() => Ok(cfg),
-            _ => Err(ConfigErrors(w.errors)),
-        }
+        let tree = parse_yaml(text).map_err(|e| ConfigErrors(vec![e]))?;
+        Check::run(tree, env, false)
     }
 
     /// Problems that only show once files are looked at (TLS material).
@@ -286,870 +363,29 @@ impl Config {
     }
 }
 
+/// The YAML as a tree; a syntax error is one problem without a path.
+fn parse_yaml(text: &str) -> Result<Value, String> {
+    if text.trim().is_empty() {
+        return Ok(Value::Object(Default::default()));
+    }
+    // YAML 1.2 booleans (a secret `on` or `yes` stays a string), and errors
+    // without the snippet of the file (it may hold a secret).
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    options.with_snippet = false;
+    serde_saphyr::from_str_with_options(text, options).map_err(|e| {
+        // The first line only: the rest quotes lines of the file.
+        let e = e.to_string();
+        let first = e.lines().next().unwrap_or_default().trim();
+        let first = first.strip_prefix("error: ").unwrap_or(first);
+        format!("invalid YAML: {first}")
+    })
+}
+
 fn file_problem(key: &str, p: &Path) -> Option<String> {
     // Read, not only opened: a directory opens but does not read.
     let e = std::fs::read(p).err()?;
     Some(format!("{key}: cannot read {}: {e}", p.display()))
-}
-
-const YAML_ERROR: &str = "invalid YAML: ";
-
-/// The parser's first line only: its rendering quotes lines of the file,
-/// which may hold a secret.
-fn yaml_error(e: &str) -> String {
-    let first = e.lines().next().unwrap_or_default().trim();
-    let first = first.strip_prefix("error: ").unwrap_or(first);
-    format!("{YAML_ERROR}{first}")
-}
-
-struct Walker<'a> {
-    errors: Vec<String>,
-    env: &'a dyn Fn(&str) -> Option<String>,
-    /// Also report TLS files that cannot be read (`Config::load`).
-    check_files: bool,
-}
-
-fn join(path: &str, key: &str) -> String {
-    if path.is_empty() {
-        key.to_string()
-    } else {
-        format!("{path}.{key}")
-    }
-}
-
-fn type_name(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "a mapping",
-    }
-}
-
-type Map = serde_json::Map<String, Value>;
-
-/// The allowed key closest to an unknown one, ignoring case, if it is near
-/// enough to be a slip (one edit per four characters, at least one).
-fn did_you_mean<'a>(key: &str, allowed: &[&'a str]) -> Option<&'a str> {
-    let key = key.to_ascii_lowercase();
-    allowed
-        .iter()
-        .map(|a| (strsim::osa_distance(&key, &a.to_ascii_lowercase()), *a))
-        .filter(|(d, a)| *d <= (a.len().max(key.len()) / 4).max(1))
-        .min_by_key(|(d, _)| *d)
-        .map(|(_, a)| a)
-}
-
-impl Walker<'_> {
-    fn err(&mut self, path: &str, msg: impl fmt::Display) {
-        self.errors.push(format!("{path}: {msg}"));
-    }
-
-    /// A mapping with only `allowed` keys; `null` counts as empty.
-    fn object<'v>(
-        &mut self,
-        path: &str,
-        v: Option<&'v Value>,
-        allowed: &[&str],
-    ) -> Option<&'v Map> {
-        static EMPTY: std::sync::OnceLock<Map> = std::sync::OnceLock::new();
-        match v {
-            None | Some(Value::Null) => Some(EMPTY.get_or_init(Map::new)),
-            Some(Value::Object(m)) => {
-                for k in m.keys() {
-                    if !allowed.contains(&k.as_str()) {
-                        let hint = did_you_mean(k, allowed)
-                            .map(|a| format!(" (did you mean {a:?}?)"))
-                            .unwrap_or_default();
-                        self.err(&join(path, k), format!("unknown key{hint}"));
-                    }
-                }
-                Some(m)
-            }
-            Some(other) => {
-                self.err(
-                    path,
-                    format!("expected a mapping, got {}", type_name(other)),
-                );
-                None
-            }
-        }
-    }
-
-    /// A plain string, no expansion. Numbers are accepted as their text.
-    fn raw_string(&mut self, path: &str, v: Option<&Value>) -> Option<String> {
-        match v {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(Value::Number(n)) => Some(n.to_string()),
-            Some(other) => {
-                self.err(path, format!("expected a string, got {}", type_name(other)));
-                None
-            }
-        }
-    }
-
-    /// A string with `$VAR` / `${VAR}` expanded.
-    fn string(&mut self, path: &str, v: Option<&Value>) -> Option<String> {
-        let s = self.raw_string(path, v)?;
-        match expand_env(&s, self.env) {
-            Ok(s) => Some(s),
-            Err(e) => {
-                self.err(path, e);
-                None
-            }
-        }
-    }
-
-    fn required(&mut self, path: &str, v: Option<String>) -> String {
-        let reported = format!("{path}: ");
-        if v.is_none() && self.errors.iter().any(|e| e.starts_with(&reported)) {
-            return String::new();
-        }
-        match v {
-            Some(s) if !s.trim().is_empty() => s,
-            Some(_) => {
-                self.err(path, "must not be empty");
-                String::new()
-            }
-            None => {
-                self.err(path, "required");
-                String::new()
-            }
-        }
-    }
-
-    fn bool(&mut self, path: &str, v: Option<&Value>, default: bool) -> bool {
-        match v {
-            None | Some(Value::Null) => default,
-            Some(Value::Bool(b)) => *b,
-            Some(other) => {
-                self.err(
-                    path,
-                    format!("expected true or false, got {}", type_name(other)),
-                );
-                default
-            }
-        }
-    }
-
-    fn duration(&mut self, path: &str, v: Option<&Value>, default: Duration) -> Duration {
-        let Some(s) = self.raw_string(path, v) else {
-            return default;
-        };
-        match parse_go_duration(&s) {
-            Ok(d) => d,
-            Err(e) => {
-                self.err(path, e);
-                default
-            }
-        }
-    }
-
-    fn usize(&mut self, path: &str, v: Option<&Value>, default: usize, min: usize) -> usize {
-        match v {
-            None | Some(Value::Null) => default,
-            Some(Value::Number(n)) => match n.as_u64().and_then(|n| usize::try_from(n).ok()) {
-                Some(n) if n >= min => n,
-                _ => {
-                    self.err(
-                        path,
-                        format!("expected a whole number of at least {min}, got {n}"),
-                    );
-                    default
-                }
-            },
-            Some(other) => {
-                self.err(path, format!("expected a number, got {}", type_name(other)));
-                default
-            }
-        }
-    }
-
-    fn list<'v>(&mut self, path: &str, v: Option<&'v Value>) -> &'v [Value] {
-        match v {
-            None | Some(Value::Null) => &[],
-            Some(Value::Array(a)) => a,
-            Some(other) => {
-                self.err(path, format!("expected a list, got {}", type_name(other)));
-                &[]
-            }
-        }
-    }
-
-    fn string_list(&mut self, path: &str, v: Option<&Value>, expand: bool) -> Vec<String> {
-        let items = self.list(path, v);
-        let mut out = Vec::new();
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("{path}[{i}]");
-            let s = if expand {
-                self.string(&p, Some(item))
-            } else {
-                self.raw_string(&p, Some(item))
-            };
-            match s {
-                Some(s) if !s.trim().is_empty() => out.push(s),
-                Some(_) => self.err(&p, "must not be empty"),
-                None if item.is_null() => self.err(&p, "must not be empty"),
-                None => {}
-            }
-        }
-        out
-    }
-
-    fn url(&mut self, path: &str, v: Option<&Value>, default: &str) -> Url {
-        let fallback = || Url::parse(default).expect_default();
-        let Some(s) = self.string(path, v) else {
-            return fallback();
-        };
-        match parse_http_url(&s) {
-            Ok(u) => u,
-            Err(e) => {
-                self.err(path, e);
-                fallback()
-            }
-        }
-    }
-
-    fn config(&mut self, root: &Value) -> Option<Config> {
-        let top = self.object(
-            "",
-            Some(root),
-            &[
-                "grpc",
-                "telemetry",
-                "logger",
-                "connectorData",
-                "connectors",
-                "cache",
-            ],
-        )?;
-        let cache = self.cache(top.get("cache"));
-        let grpc = self.grpc(top.get("grpc"));
-        let telemetry = self.telemetry(top.get("telemetry"));
-        let logger = self.logger(top.get("logger"));
-        let connector_data = self.connector_data(top.get("connectorData"));
-        let connectors = self.connectors(top.get("connectors"));
-        Some(Config {
-            grpc,
-            telemetry,
-            logger,
-            connector_data,
-            connectors,
-            cache,
-        })
-    }
-
-    fn cache(&mut self, v: Option<&Value>) -> CacheConfig {
-        let Some(m) = self.object("cache", v, &["redis"]) else {
-            return CacheConfig::default();
-        };
-        if matches!(m.get("redis"), None | Some(Value::Null)) {
-            return CacheConfig::default();
-        }
-        let Some(r) = self.object("cache.redis", m.get("redis"), &["url"]) else {
-            return CacheConfig::default();
-        };
-        let url = self.string("cache.redis.url", r.get("url"));
-        let url = self.required("cache.redis.url", url);
-        if url.is_empty() {
-            return CacheConfig::default();
-        }
-        // The URL may carry a password: problems never repeat it.
-        match Url::parse(&url) {
-            Ok(u)
-                if (u.scheme() == "redis" || u.scheme() == "rediss")
-                    && u.host_str().is_some_and(|h| !h.is_empty()) =>
-            {
-                CacheConfig {
-                    redis_url: Some(Secret::new(url)),
-                }
-            }
-            Ok(u) if u.scheme() != "redis" && u.scheme() != "rediss" => {
-                self.err(
-                    "cache.redis.url",
-                    format!("must be a redis:// or rediss:// URL, not {}://", u.scheme()),
-                );
-                CacheConfig::default()
-            }
-            _ => {
-                self.err(
-                    "cache.redis.url",
-                    "is not a redis://[user:password@]host[:port][/db] URL",
-                );
-                CacheConfig::default()
-            }
-        }
-    }
-
-    fn grpc(&mut self, v: Option<&Value>) -> GrpcConfig {
-        const P: &str = "grpc";
-        let m = self
-            .object(
-                P,
-                v,
-                &[
-                    "addr",
-                    "tlsCert",
-                    "tlsKey",
-                    "tlsClientCA",
-                    "reflection",
-                    "authTokens",
-                    "shutdownTimeout",
-                    "maxRequestBytes",
-                    "maxInFlight",
-                    "defaultTimeout",
-                    "keepaliveInterval",
-                    "maxConnections",
-                    "connectionIdleTimeout",
-                    "maxConcurrentStreams",
-                ],
-            )
-            .cloned()
-            .unwrap_or_default();
-        let addr_s = self
-            .raw_string("grpc.addr", m.get("addr"))
-            .unwrap_or_else(|| DEFAULT_ADDR.to_string());
-        let addr = match parse_listen_addr(&addr_s) {
-            Ok(a) => a,
-            Err(e) => {
-                self.err("grpc.addr", e);
-                ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 5557)))
-            }
-        };
-        let path = |w: &mut Self, key: &str| {
-            w.raw_string(&join(P, key), m.get(key))
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from)
-        };
-        let tls_cert = path(self, "tlsCert");
-        let tls_key = path(self, "tlsKey");
-        let tls_client_ca = path(self, "tlsClientCA");
-        if self.check_files {
-            for (key, p) in [
-                ("grpc.tlsCert", &tls_cert),
-                ("grpc.tlsKey", &tls_key),
-                ("grpc.tlsClientCA", &tls_client_ca),
-            ] {
-                if let Some(e) = p.as_deref().and_then(|p| file_problem(key, p)) {
-                    self.errors.push(e);
-                }
-            }
-        }
-        match (&tls_cert, &tls_key) {
-            (Some(_), None) => self.err("grpc.tlsKey", "required when grpc.tlsCert is set"),
-            (None, Some(_)) => self.err("grpc.tlsCert", "required when grpc.tlsKey is set"),
-            _ => {}
-        }
-        if tls_client_ca.is_some() && tls_cert.is_none() {
-            self.err(
-                "grpc.tlsClientCA",
-                "needs grpc.tlsCert and grpc.tlsKey (mTLS is TLS)",
-            );
-        }
-        if matches!(addr, ListenAddr::Unix(_)) && tls_cert.is_some() {
-            self.err("grpc.tlsCert", "TLS is not supported on a unix socket");
-        }
-        let auth_tokens = self
-            .string_list("grpc.authTokens", m.get("authTokens"), true)
-            .into_iter()
-            .map(Secret::new)
-            .collect();
-        GrpcConfig {
-            addr,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-            reflection: self.bool("grpc.reflection", m.get("reflection"), true),
-            auth_tokens,
-            shutdown_timeout: self.duration(
-                "grpc.shutdownTimeout",
-                m.get("shutdownTimeout"),
-                Duration::from_secs(10),
-            ),
-            max_request_bytes: self.usize(
-                "grpc.maxRequestBytes",
-                m.get("maxRequestBytes"),
-                64 * 1024,
-                1024,
-            ),
-            max_in_flight: self.usize("grpc.maxInFlight", m.get("maxInFlight"), 1024, 1),
-            default_timeout: self.duration(
-                "grpc.defaultTimeout",
-                m.get("defaultTimeout"),
-                Duration::from_secs(30),
-            ),
-            keepalive_interval: self.duration(
-                "grpc.keepaliveInterval",
-                m.get("keepaliveInterval"),
-                Duration::from_secs(60),
-            ),
-            max_connections: self.usize("grpc.maxConnections", m.get("maxConnections"), 1024, 1),
-            connection_idle_timeout: self.duration(
-                "grpc.connectionIdleTimeout",
-                m.get("connectionIdleTimeout"),
-                Duration::from_secs(5 * 60),
-            ),
-            max_concurrent_streams: self
-                .usize(
-                    "grpc.maxConcurrentStreams",
-                    m.get("maxConcurrentStreams"),
-                    100,
-                    1,
-                )
-                .min(u32::MAX as usize) as u32,
-        }
-    }
-
-    fn telemetry(&mut self, v: Option<&Value>) -> TelemetryConfig {
-        let Some(m) = self.object("telemetry", v, &["http"]) else {
-            return TelemetryConfig::default();
-        };
-        let http = self
-            .raw_string("telemetry.http", m.get("http"))
-            .filter(|s| !s.is_empty());
-        let http = http.and_then(|s| match parse_listen_addr(&s) {
-            Ok(ListenAddr::Tcp(a)) => Some(a),
-            Ok(ListenAddr::Unix(_)) => {
-                self.err("telemetry.http", "must be host:port");
-                None
-            }
-            Err(e) => {
-                self.err("telemetry.http", e);
-                None
-            }
-        });
-        TelemetryConfig { http }
-    }
-
-    fn logger(&mut self, v: Option<&Value>) -> LoggerConfig {
-        let Some(m) = self.object("logger", v, &["level", "format"]) else {
-            return LoggerConfig::default();
-        };
-        let mut cfg = LoggerConfig::default();
-        if let Some(l) = self.raw_string("logger.level", m.get("level")) {
-            match l.to_ascii_lowercase().as_str() {
-                "error" => cfg.level = tracing::Level::ERROR,
-                "warn" | "warning" => cfg.level = tracing::Level::WARN,
-                "info" => cfg.level = tracing::Level::INFO,
-                "debug" => cfg.level = tracing::Level::DEBUG,
-                "trace" => cfg.level = tracing::Level::TRACE,
-                _ => self.err(
-                    "logger.level",
-                    format!("{l:?} is not one of error, warn, info, debug, trace"),
-                ),
-            }
-        }
-        if let Some(f) = self.raw_string("logger.format", m.get("format")) {
-            match f.as_str() {
-                "text" => cfg.format = LogFormat::Text,
-                "json" => cfg.format = LogFormat::Json,
-                _ => self.err("logger.format", format!("{f:?} is not one of text, json")),
-            }
-        }
-        cfg
-    }
-
-    fn connector_data(&mut self, v: Option<&Value>) -> ConnectorDataConfig {
-        const P: &str = "connectorData";
-        let mut cfg = ConnectorDataConfig {
-            keys: Vec::new(),
-            accept_dex_plaintext: false,
-        };
-        let Some(m) = self.object(P, v, &["keys", "acceptDexPlaintext"]) else {
-            return cfg;
-        };
-        let items = self.list("connectorData.keys", m.get("keys"));
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("connectorData.keys[{i}]");
-            let Some(s) = self.string(&p, Some(item)) else {
-                if item.is_null() {
-                    self.err(&p, "must not be empty");
-                }
-                continue;
-            };
-            match decode_key(&s) {
-                Ok(k) => cfg.keys.push(k),
-                Err(e) => self.err(&p, e),
-            }
-        }
-        if cfg.keys.is_empty()
-            && !self
-                .errors
-                .iter()
-                .any(|e| e.starts_with("connectorData.keys"))
-        {
-            self.err(
-                "connectorData.keys",
-                "required: at least one key (base64 of 32 random bytes, e.g. `openssl rand -base64 32`)",
-            );
-        }
-        cfg.accept_dex_plaintext = self.bool(
-            "connectorData.acceptDexPlaintext",
-            m.get("acceptDexPlaintext"),
-            false,
-        );
-        cfg
-    }
-
-    fn connectors(&mut self, v: Option<&Value>) -> Vec<ConnectorConfig> {
-        let items = self.list("connectors", v);
-        if items.is_empty() && !matches!(v, Some(Value::Array(_)) | None | Some(Value::Null)) {
-            return Vec::new();
-        }
-        if items.is_empty() {
-            self.err(
-                "connectors",
-                "at least one bitbucket-cloud connector is required",
-            );
-        }
-        let mut out = Vec::new();
-        let mut ids = HashSet::new();
-        for (i, item) in items.iter().enumerate() {
-            let p = format!("connectors[{i}]");
-            if let Some(c) = self.connector(&p, item) {
-                if !ids.insert(c.id.clone()) {
-                    self.err(
-                        &join(&p, "id"),
-                        format!("duplicate connector id {:?}", c.id),
-                    );
-                }
-                out.push(c);
-            }
-        }
-        out
-    }
-
-    fn connector(&mut self, p: &str, v: &Value) -> Option<ConnectorConfig> {
-        let m = self.object(p, Some(v), &["type", "id", "name", "config"])?;
-        let ty = self.raw_string(&join(p, "type"), m.get("type"));
-        let ty = self.required(&join(p, "type"), ty);
-        if !ty.is_empty() && ty != CONNECTOR_TYPE {
-            self.err(
-                &join(p, "type"),
-                format!("unsupported connector type {ty:?} (only {CONNECTOR_TYPE:?})"),
-            );
-        }
-        let id = self.raw_string(&join(p, "id"), m.get("id"));
-        let id = self.required(&join(p, "id"), id);
-        let name = self
-            .raw_string(&join(p, "name"), m.get("name"))
-            .unwrap_or_else(|| "Bitbucket Cloud".to_string());
-        let cp = join(p, "config");
-        if m.get("config").is_none() {
-            self.err(&cp, "required");
-        }
-        let c = self.object(
-            &cp,
-            m.get("config"),
-            &[
-                "clientID",
-                "clientSecret",
-                "redirectURI",
-                "teams",
-                "includeTeamGroups",
-                "getWorkspacePermissions",
-                "teamGroupsAuth",
-                "teamGroupsCacheTTL",
-                "authURL",
-                "tokenURL",
-                "apiURL",
-                "legacyAPIURL",
-                "upstreamTimeout",
-                "upstreamMaxInFlight",
-                "teamGroups",
-                "permissionCacheTTL",
-                "refreshCacheTTL",
-                "rateLimitBackoff",
-            ],
-        )?;
-        let k = |key: &str| join(&cp, key);
-        let client_id = self.string(&k("clientID"), c.get("clientID"));
-        let client_id = self.required(&k("clientID"), client_id);
-        let client_secret = self.string(&k("clientSecret"), c.get("clientSecret"));
-        let client_secret = Secret::new(self.required(&k("clientSecret"), client_secret));
-        let redirect = self.string(&k("redirectURI"), c.get("redirectURI"));
-        let redirect_uri = self.required(&k("redirectURI"), redirect);
-        if !redirect_uri.is_empty() {
-            if let Err(e) = parse_http_url(&redirect_uri) {
-                self.err(&k("redirectURI"), e);
-            }
-        }
-        let teams = self.string_list(&k("teams"), c.get("teams"), true);
-        let include_team_groups =
-            self.bool(&k("includeTeamGroups"), c.get("includeTeamGroups"), false);
-        let get_workspace_permissions = self.bool(
-            &k("getWorkspacePermissions"),
-            c.get("getWorkspacePermissions"),
-            false,
-        );
-        let ap = k("teamGroupsAuth");
-        let team_groups_auth = match c.get("teamGroupsAuth") {
-            None | Some(Value::Null) => None,
-            some => self
-                .object(&ap, some, &["username", "password"])
-                .and_then(|a| {
-                    let u = self.string(&join(&ap, "username"), a.get("username"));
-                    let u = self.required(&join(&ap, "username"), u);
-                    let pw = self.string(&join(&ap, "password"), a.get("password"));
-                    let pw = self.required(&join(&ap, "password"), pw);
-                    (!u.is_empty() && !pw.is_empty()).then(|| BasicAuth {
-                        username: u,
-                        password: Secret::new(pw),
-                    })
-                }),
-        };
-        let team_groups_cache_ttl = self.duration(
-            &k("teamGroupsCacheTTL"),
-            c.get("teamGroupsCacheTTL"),
-            Duration::from_secs(60),
-        );
-        let mut team_groups = Vec::new();
-        for (i, entry) in self
-            .string_list(&k("teamGroups"), c.get("teamGroups"), true)
-            .into_iter()
-            .enumerate()
-        {
-            match entry.trim().split_once('/') {
-                Some((w, g)) if is_slug(w) && is_slug(g) => team_groups.push(TeamGroup {
-                    workspace: w.to_string(),
-                    group: g.to_string(),
-                }),
-                _ => self.err(
-                    &format!("{}[{i}]", k("teamGroups")),
-                    format!("expected \"workspace/group-slug\", got {entry:?}"),
-                ),
-            }
-        }
-        let permission_cache_ttl = self.duration(
-            &k("permissionCacheTTL"),
-            c.get("permissionCacheTTL"),
-            Duration::from_secs(600),
-        );
-        let refresh_cache_ttl = self.duration(
-            &k("refreshCacheTTL"),
-            c.get("refreshCacheTTL"),
-            Duration::ZERO,
-        );
-        let rate_limit_backoff = self.duration(
-            &k("rateLimitBackoff"),
-            c.get("rateLimitBackoff"),
-            Duration::from_secs(60),
-        );
-        if rate_limit_backoff.is_zero() {
-            self.err(&k("rateLimitBackoff"), "must be more than 0s");
-        }
-        Some(ConnectorConfig {
-            id,
-            name,
-            client_id,
-            client_secret,
-            redirect_uri,
-            teams,
-            include_team_groups,
-            get_workspace_permissions,
-            team_groups_auth,
-            team_groups_cache_ttl,
-            auth_url: self.url(&k("authURL"), c.get("authURL"), DEFAULT_AUTH_URL),
-            token_url: self.url(&k("tokenURL"), c.get("tokenURL"), DEFAULT_TOKEN_URL),
-            api_url: self.url(&k("apiURL"), c.get("apiURL"), DEFAULT_API_URL),
-            legacy_api_url: self.url(
-                &k("legacyAPIURL"),
-                c.get("legacyAPIURL"),
-                DEFAULT_LEGACY_API_URL,
-            ),
-            upstream_timeout: self.duration(
-                &k("upstreamTimeout"),
-                c.get("upstreamTimeout"),
-                Duration::from_secs(10),
-            ),
-            upstream_max_in_flight: self.usize(
-                &k("upstreamMaxInFlight"),
-                c.get("upstreamMaxInFlight"),
-                crate::bitbucket::DEFAULT_MAX_IN_FLIGHT,
-                1,
-            ),
-            team_groups,
-            permission_cache_ttl,
-            refresh_cache_ttl,
-            rate_limit_backoff,
-        })
-    }
-}
-
-/// A Bitbucket slug: what a workspace or group slug may be made of.
-fn is_slug(s: &str) -> bool {
-    !s.is_empty()
-        && s.len() <= 128
-        && s != "."
-        && s != ".."
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
-}
-
-trait ExpectDefault {
-    fn expect_default(self) -> Url;
-}
-
-impl ExpectDefault for Result<Url, url::ParseError> {
-    /// Built-in default URLs are constants known to parse.
-    #[allow(clippy::expect_used)]
-    fn expect_default(self) -> Url {
-        self.expect("built-in default URL parses")
-    }
-}
-
-/// Expands `$VAR` and `${VAR}` (dex's rule); `$$` is a literal `$`. An unset
-/// variable is an error naming it.
-pub fn expand_env(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    let mut out = String::with_capacity(s.len());
-    let mut chars = s.char_indices().peekable();
-    let is_name = |c: char| c.is_ascii_alphanumeric() || c == '_';
-    while let Some((_, c)) = chars.next() {
-        if c != '$' {
-            out.push(c);
-            continue;
-        }
-        match chars.peek().copied() {
-            Some((_, '$')) => {
-                chars.next();
-                out.push('$');
-            }
-            Some((start, '{')) => {
-                chars.next();
-                let rest = &s[start + 1..];
-                let Some(end) = rest.find('}') else {
-                    return Err("unterminated ${ in value".to_string());
-                };
-                let name = &rest[..end];
-                if name.is_empty() || !name.chars().all(is_name) {
-                    return Err(format!("invalid variable name ${{{name}}}"));
-                }
-                for _ in 0..=end {
-                    chars.next();
-                }
-                out.push_str(&lookup(name, env)?);
-            }
-            Some((start, c)) if is_name(c) => {
-                let mut end = start;
-                while let Some(&(i, c)) = chars.peek() {
-                    if !is_name(c) {
-                        break;
-                    }
-                    end = i + c.len_utf8();
-                    chars.next();
-                }
-                out.push_str(&lookup(&s[start..end], env)?);
-            }
-            _ => out.push('$'),
-        }
-    }
-    Ok(out)
-}
-
-fn lookup(name: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
-    env(name).ok_or_else(|| format!("environment variable ${name} is not set"))
-}
-
-/// Go's `time.ParseDuration` syntax: `300ms`, `1.5h`, `1h30m`, `0`.
-pub fn parse_go_duration(s: &str) -> Result<Duration, String> {
-    let bad = || format!("{s:?} is not a duration (use Go's syntax: 500ms, 60s, 5m, 1h30m)");
-    let t = s.trim();
-    if t == "0" {
-        return Ok(Duration::ZERO);
-    }
-    if t.is_empty() || t.starts_with('-') {
-        return Err(bad());
-    }
-    let t = t.strip_prefix('+').unwrap_or(t);
-    let mut total = 0f64;
-    let mut rest = t;
-    while !rest.is_empty() {
-        let num_end = rest
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .ok_or_else(bad)?;
-        if num_end == 0 {
-            return Err(bad());
-        }
-        let n: f64 = rest[..num_end].parse().map_err(|_| bad())?;
-        rest = &rest[num_end..];
-        let unit_end = rest
-            .find(|c: char| c.is_ascii_digit() || c == '.')
-            .unwrap_or(rest.len());
-        let scale = match &rest[..unit_end] {
-            "ns" => 1e-9,
-            "us" | "µs" | "μs" => 1e-6,
-            "ms" => 1e-3,
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            _ => return Err(bad()),
-        };
-        total += n * scale;
-        rest = &rest[unit_end..];
-    }
-    if !total.is_finite() || total > 1e9 {
-        return Err(bad());
-    }
-    Ok(Duration::from_secs_f64(total))
-}
-
-/// `host:port` or `unix:/path`.
-pub fn parse_listen_addr(s: &str) -> Result<ListenAddr, String> {
-    if let Some(p) = s.strip_prefix("unix:") {
-        let p = p.strip_prefix("//").unwrap_or(p);
-        if p.is_empty() {
-            return Err("unix: needs a socket path".to_string());
-        }
-        return Ok(ListenAddr::Unix(PathBuf::from(p)));
-    }
-    if let Ok(a) = s.parse::<SocketAddr>() {
-        return Ok(ListenAddr::Tcp(a));
-    }
-    // A host name: only localhost resolves without asking DNS.
-    if let Some(port) = s.strip_prefix("localhost:") {
-        if let Ok(port) = port.parse::<u16>() {
-            return Ok(ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], port))));
-        }
-    }
-    if let Some(port) = s.strip_prefix(':') {
-        if let Ok(port) = port.parse::<u16>() {
-            return Ok(ListenAddr::Tcp(SocketAddr::from(([0, 0, 0, 0], port))));
-        }
-    }
-    Err(format!(
-        "{s:?} is not an address (use IP:port such as 127.0.0.1:5557, [::1]:5557, :5557, or unix:/path/to.sock)"
-    ))
-}
-
-fn parse_http_url(s: &str) -> Result<Url, String> {
-    let u = Url::parse(s).map_err(|e| format!("{s:?} is not an absolute URL: {e}"))?;
-    if u.scheme() != "http" && u.scheme() != "https" {
-        return Err(format!("{s:?} must be an http or https URL"));
-    }
-    if u.host_str().is_none_or(str::is_empty) {
-        return Err(format!("{s:?} has no host"));
-    }
-    Ok(u)
-}
-
-/// Base64 (standard or URL-safe, padded or not) of exactly 32 bytes.
-pub fn decode_key(s: &str) -> Result<DataKey, String> {
-    use base64::engine::general_purpose::{STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD};
-    let t = s.trim();
-    let bytes = [STANDARD, STANDARD_NO_PAD, URL_SAFE, URL_SAFE_NO_PAD]
-        .iter()
-        .find_map(|e| e.decode(t).ok())
-        .ok_or_else(|| "not valid base64 (standard or URL-safe)".to_string())?;
-    let arr: [u8; 32] = bytes.as_slice().try_into().map_err(|_| {
-        format!(
-            "must decode to 32 bytes, got {} (e.g. `openssl rand -base64 32`)",
-            bytes.len()
-        )
-    })?;
-    Ok(DataKey(arr))
 }
 
 #[cfg(test)]
@@ -1402,13 +638,13 @@ connectors:
     fn unknown_keys_suggest_the_nearest_allowed_key() {
         let allowed = ["includeTeamGroups", "teams", "teamGroupsAuth", "tlsCert"];
         assert_eq!(
-            did_you_mean("includeTeamsGroups", &allowed),
+            check::did_you_mean("includeTeamsGroups", &allowed),
             Some("includeTeamGroups")
         );
-        assert_eq!(did_you_mean("TLSCERT", &allowed), Some("tlsCert"));
-        assert_eq!(did_you_mean("team", &allowed), Some("teams"));
-        assert_eq!(did_you_mean("colour", &allowed), None);
-        assert_eq!(did_you_mean("groups", &allowed), None);
+        assert_eq!(check::did_you_mean("TLSCERT", &allowed), Some("tlsCert"));
+        assert_eq!(check::did_you_mean("team", &allowed), Some("teams"));
+        assert_eq!(check::did_you_mean("colour", &allowed), None);
+        assert_eq!(check::did_you_mean("groups", &allowed), None);
     }
 
     #[test]
@@ -1430,15 +666,139 @@ connectors:
     }
 
     #[test]
-    fn go_durations() {
-        assert_eq!(parse_go_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_go_duration("1h30m"), Ok(Duration::from_secs(5400)));
-        assert_eq!(parse_go_duration("1.5s"), Ok(Duration::from_millis(1500)));
-        assert_eq!(parse_go_duration("0"), Ok(Duration::ZERO));
-        assert_eq!(parse_go_duration("0s"), Ok(Duration::ZERO));
-        for bad in ["", "10", "s", "-1s", "1d", "1h-", "1..5s"] {
-            assert!(parse_go_duration(bad).is_err(), "{bad:?}");
+    fn every_unknown_key_is_reported_with_its_path_and_the_rest_still_checked() {
+        let text = GOOD
+            .replacen("grpc:\n", "colour: red\ngrpc:\n  adr: x\n  tlsCrt: y\n", 1)
+            .replace(
+                "    includeTeamGroups: true\n",
+                "    includeTeamGroups: yes\n    teamGroupsAuth: {user: u, password: p}\n",
+            )
+            .replace(
+                "  name: Bitbucket Cloud\n",
+                "  name: Bitbucket Cloud\n  nmae: x\n",
+            );
+        let errs = Config::parse(&text, &env).unwrap_err().0;
+        assert_eq!(
+            errs,
+            [
+                "colour: unknown key",
+                "grpc.adr: unknown key (did you mean \"addr\"?)",
+                "grpc.tlsCrt: unknown key (did you mean \"tlsCert\"?)",
+                "connectors[0].nmae: unknown key (did you mean \"name\"?)",
+                "connectors[0].config.includeTeamGroups: expected true or false, got a string",
+                "connectors[0].config.teamGroupsAuth.user: unknown key",
+                "connectors[0].config.teamGroupsAuth.username: required",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_config_built_in_code_has_the_defaults_of_an_empty_file_section() {
+        let file = Config::parse(GOOD, &env).unwrap();
+        let c = ConnectorConfig::new(
+            "bitbucket-cloud",
+            "client-id",
+            Secret::new("s"),
+            "http://127.0.0.1:5556/dex/callback",
+        );
+        let code = Config::new(file.connector_data.keys.clone(), vec![c]);
+        let (f, k) = (&file.connectors[0], &code.connectors[0]);
+        assert_eq!(
+            (
+                k.name.as_str(),
+                k.api_url.as_str(),
+                k.legacy_api_url.as_str(),
+                k.auth_url.as_str(),
+                k.token_url.as_str()
+            ),
+            (
+                f.name.as_str(),
+                f.api_url.as_str(),
+                f.legacy_api_url.as_str(),
+                f.auth_url.as_str(),
+                f.token_url.as_str()
+            )
+        );
+        assert_eq!(
+            (
+                k.upstream_timeout,
+                k.upstream_max_in_flight,
+                k.permission_cache_ttl,
+                k.refresh_cache_ttl,
+                k.rate_limit_backoff
+            ),
+            (
+                f.upstream_timeout,
+                f.upstream_max_in_flight,
+                f.permission_cache_ttl,
+                f.refresh_cache_ttl,
+                f.rate_limit_backoff
+            )
+        );
+        assert_eq!(
+            format!("{:?}", code.grpc),
+            format!(
+                "{:?}",
+                Config::parse(&GOOD.replace("  addr: 127.0.0.1:0\n", ""), &env)
+                    .unwrap()
+                    .grpc
+            )
+        );
+        assert_eq!(format!("{:?}", code.logger), format!("{:?}", file.logger));
+        let moved = ConnectorConfig::new("x", "y", Secret::new("z"), "http://h/cb")
+            .with_endpoints(
+                "http://127.0.0.1:1/a",
+                "http://127.0.0.1:1/t",
+                "http://127.0.0.1:1/2.0",
+                "http://127.0.0.1:1/1.0",
+            )
+            .unwrap();
+        assert_eq!(moved.api_url.as_str(), "http://127.0.0.1:1/2.0");
+        assert!(
+            ConnectorConfig::new("x", "y", Secret::new("z"), "http://h/cb")
+                .with_endpoints("ftp://h/a", "http://h/t", "http://h/2.0", "http://h/1.0")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn default_urls_parse() {
+        for u in [
+            DEFAULT_AUTH_URL,
+            DEFAULT_TOKEN_URL,
+            DEFAULT_API_URL,
+            DEFAULT_LEGACY_API_URL,
+        ] {
+            assert_eq!(default_url(u).as_str().trim_end_matches('/'), u);
         }
+    }
+
+    #[test]
+    fn durations_use_go_syntax_and_are_never_negative() {
+        let with =
+            |d: &str| GOOD.replacen("grpc:\n", &format!("grpc:\n  shutdownTimeout: {d}\n"), 1);
+        let timeout = |d: &str| Config::parse(&with(d), &env).map(|c| c.grpc.shutdown_timeout);
+        assert_eq!(timeout("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(timeout("1h30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(timeout("1.5s"), Ok(Duration::from_millis(1500)));
+        assert_eq!(timeout("0"), Ok(Duration::ZERO));
+        assert_eq!(timeout("0s"), Ok(Duration::ZERO));
+        assert_eq!(timeout("\" 5s \""), Ok(Duration::from_secs(5)));
+        for bad in [
+            "\"\"", "10", "s", "-1s", "1d", "1h-", "1..5s", "300000h", "[5s]",
+        ] {
+            let e = timeout(bad).unwrap_err().0;
+            assert_eq!(e.len(), 1, "{bad}: {e:?}");
+            assert!(e[0].starts_with("grpc.shutdownTimeout: "), "{bad}: {e:?}");
+        }
+        assert_eq!(
+            timeout("-1s").unwrap_err().0,
+            ["grpc.shutdownTimeout: \"-1s\" is negative"]
+        );
+        assert_eq!(
+            timeout("1d").unwrap_err().0,
+            ["grpc.shutdownTimeout: \"1d\" is not a duration (use Go's syntax: 500ms, 60s, 5m, 1h30m)"]
+        );
     }
 
     #[test]
@@ -1527,7 +887,7 @@ mod fuzz {
 
         #[test]
         fn fuzz_durations_never_panic(s in ".{0,30}") {
-            let _ = parse_go_duration(&s);
+            let _ = s.parse::<GoDuration>();
         }
 
         #[test]

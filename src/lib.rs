@@ -24,6 +24,7 @@ pub mod metrics;
 pub mod sealing;
 pub mod secret;
 pub mod server;
+pub mod startup;
 pub mod telemetry;
 pub mod tls;
 #[cfg(feature = "demo")]

@@ -65,8 +65,8 @@ fn main() -> ExitCode {
             };
         }
     };
-    let result = match cli.command {
-        Command::CheckConfig { config } => return bitbucket_connector::cli::check_config(&config),
+    match cli.command {
+        Command::CheckConfig { config } => bitbucket_connector::cli::check_config(&config),
         Command::Serve { config } => bitbucket_connector::cli::serve(&config),
         #[cfg(feature = "demo")]
         Command::Demo {
@@ -74,17 +74,15 @@ fn main() -> ExitCode {
             telemetry,
             walkthrough,
             login_as,
-        } => bitbucket_connector::cli::demo(addr, telemetry, walkthrough, &login_as),
+        } => bitbucket_connector::cli::exit(bitbucket_connector::cli::demo(
+            addr,
+            telemetry,
+            walkthrough,
+            &login_as,
+        )),
         #[cfg(feature = "demo")]
-        Command::FakeBitbucket(args) => fake_bitbucket::serve_standalone(args),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        // Empty: already reported through the logger.
-        Err(e) if e.is_empty() => ExitCode::FAILURE,
-        Err(e) => {
-            eprintln!("bitbucket-connector: {e}");
-            ExitCode::FAILURE
-        }
+        Command::FakeBitbucket(args) => bitbucket_connector::cli::exit(
+            fake_bitbucket::serve_standalone(args),
+        ),
     }
 }

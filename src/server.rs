@@ -23,6 +23,7 @@ use crate::metrics::Metrics;
 use crate::pb::connector_service_server::ConnectorServiceServer;
 use crate::sealing::Sealer;
 use crate::secret::Secret;
+use crate::startup::StartupError;
 use crate::tls::{ReloadableTls, TlsFiles};
 use crate::{bitbucket, pb, telemetry};
 
@@ -36,12 +37,16 @@ pub enum Listener {
 
 impl Listener {
     /// Binds `addr`. A stale unix socket file left by a previous run is replaced.
-    pub async fn bind(addr: &ListenAddr) -> Result<Listener, String> {
+    pub async fn bind(addr: &ListenAddr) -> Result<Listener, StartupError> {
+        let failed = |source| StartupError::Listen {
+            addr: addr.clone(),
+            source,
+        };
         match addr {
             ListenAddr::Tcp(a) => TcpListener::bind(a)
                 .await
                 .map(Listener::Tcp)
-                .map_err(|e| format!("grpc.addr: cannot listen on {a}: {e}")),
+                .map_err(failed),
             ListenAddr::Unix(p) => {
                 if let Ok(meta) = std::fs::symlink_metadata(p) {
                     use std::os::unix::fs::FileTypeExt as _;
@@ -51,7 +56,7 @@ impl Listener {
                 }
                 UnixListener::bind(p)
                     .map(|l| Listener::Unix(l, p.clone()))
-                    .map_err(|e| format!("grpc.addr: cannot listen on unix:{}: {e}", p.display()))
+                    .map_err(failed)
             }
         }
     }
@@ -73,14 +78,17 @@ pub struct App {
 
 impl App {
     /// Builds the connectors (HTTP clients, sealer) from a validated config.
-    pub fn new(config: Config) -> Result<App, String> {
+    pub fn new(config: Config) -> Result<App, StartupError> {
         let metrics = Metrics::new();
-        let sealer = Arc::new(Sealer::new(
-            &config.connector_data.keys,
-            config.connector_data.accept_dex_plaintext,
-        )?);
+        let sealer = Arc::new(
+            Sealer::new(
+                &config.connector_data.keys,
+                config.connector_data.accept_dex_plaintext,
+            )
+            .map_err(StartupError::Sealing)?,
+        );
         let shared = match &config.cache.redis_url {
-            Some(url) => Some(crate::cache::SharedCache::open(url)?),
+            Some(url) => Some(crate::cache::SharedCache::open(url).map_err(StartupError::Cache)?),
             None => None,
         };
         let mut list = Vec::new();
@@ -92,7 +100,10 @@ impl App {
                 bitbucket::HttpOptions::default(),
                 shared.clone(),
             )
-            .map_err(|e| format!("connector {:?}: {e}", c.id))?;
+            .map_err(|e| StartupError::Connector {
+                id: c.id.clone(),
+                reason: e.to_string(),
+            })?;
             list.push(Arc::new(connector));
         }
         Ok(App {
@@ -110,7 +121,7 @@ pub async fn serve(
     app: App,
     listener: Listener,
     shutdown: impl Future<Output = ()>,
-) -> Result<(), String> {
+) -> Result<(), StartupError> {
     let cfg = &app.config.grpc;
     let in_flight = Arc::new(Semaphore::new(cfg.max_in_flight));
     let service = Service::new(app.connectors.clone(), cfg.default_timeout);
@@ -141,14 +152,12 @@ pub async fn serve(
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| format!("reflection: {e}"))?;
+            .build_v1()?;
         let v1alpha = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-            .build_v1alpha()
-            .map_err(|e| format!("reflection: {e}"))?;
+            .build_v1alpha()?;
         routes = routes.add_service(v1).add_service(v1alpha);
     }
 
@@ -211,7 +220,7 @@ pub async fn serve(
         _ = shutdown => {}
         r = &mut server => {
             serving.store(false, Ordering::SeqCst);
-            return r.map_err(|e| format!("gRPC server task failed: {e}"));
+            return r.map_err(StartupError::ServerTask);
         }
     }
 

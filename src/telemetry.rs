@@ -109,10 +109,10 @@ pub async fn serve_http(
     addr: SocketAddr,
     metrics: Metrics,
     serving: Arc<AtomicBool>,
-) -> Result<tokio::task::JoinHandle<()>, String> {
+) -> Result<tokio::task::JoinHandle<()>, crate::startup::StartupError> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
-        .map_err(|e| format!("telemetry.http: cannot listen on {addr}: {e}"))?;
+        .map_err(|source| crate::startup::StartupError::TelemetryListen { addr, source })?;
     let app = Router::new()
         .route(
             "/metrics",

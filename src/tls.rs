@@ -11,6 +11,33 @@ use rustls::server::WebPkiClientVerifier;
 use rustls::{RootCertStore, ServerConfig};
 use tokio_rustls::TlsAcceptor;
 
+/// Why the TLS material cannot be used; each names the config key and file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("{key}: cannot read certificates from {}: {source}", path.display())]
+    ReadCerts {
+        key: &'static str,
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("{key}: no PEM certificate in {}", path.display())]
+    NoCertificate { key: &'static str, path: PathBuf },
+    #[error("grpc.tlsKey: cannot read a private key from {}: {source}", path.display())]
+    ReadKey {
+        path: PathBuf,
+        source: rustls::pki_types::pem::Error,
+    },
+    #[error("grpc.tlsClientCA: {}: {source}", path.display())]
+    ClientCa {
+        path: PathBuf,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("grpc.tlsKey: does not match grpc.tlsCert or is unusable: {0}")]
+    KeyMismatch(rustls::Error),
+    #[error("TLS: {0}")]
+    Rustls(rustls::Error),
+}
+
 /// How often the files' modification times are looked at.
 const POLL_EVERY: Duration = Duration::from_secs(5);
 
@@ -29,7 +56,7 @@ pub struct ReloadableTls {
 }
 
 impl ReloadableTls {
-    pub fn load(files: TlsFiles) -> Result<ReloadableTls, String> {
+    pub fn load(files: TlsFiles) -> Result<ReloadableTls, TlsError> {
         let config = build(&files)?;
         Ok(ReloadableTls {
             stamps: Mutex::new(stamps(&files)),
@@ -39,7 +66,7 @@ impl ReloadableTls {
     }
 
     /// Re-reads the files; on error the previous config stays in use.
-    pub fn reload(&self) -> Result<(), String> {
+    pub fn reload(&self) -> Result<(), TlsError> {
         let config = build(&self.files)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps(&self.files);
@@ -94,51 +121,78 @@ fn stamps(files: &TlsFiles) -> Vec<Option<SystemTime>> {
     .collect()
 }
 
-fn read_certs(key: &str, path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| {
-            format!(
-                "{key}: cannot read certificates from {}: {e}",
-                path.display()
-            )
+        .map_err(|source| TlsError::ReadCerts {
+            key,
+            path: path.to_path_buf(),
+            source,
         })?;
     if certs.is_empty() {
-        return Err(format!("{key}: no PEM certificate in {}", path.display()));
+        return Err(TlsError::NoCertificate {
+            key,
+            path: path.to_path_buf(),
+        });
     }
     Ok(certs)
 }
 
-fn build(files: &TlsFiles) -> Result<ServerConfig, String> {
+fn build(files: &TlsFiles) -> Result<ServerConfig, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs("grpc.tlsCert", &files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|e| {
-        format!(
-            "grpc.tlsKey: cannot read a private key from {}: {e}",
-            files.key.display()
-        )
+    let key = PrivateKeyDer::from_pem_file(&files.key).map_err(|source| TlsError::ReadKey {
+        path: files.key.clone(),
+        source,
     })?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .map_err(TlsError::Rustls)?;
     let builder = match &files.client_ca {
         Some(ca) => {
+            let ca_error = |e: Box<dyn std::error::Error + Send + Sync>| TlsError::ClientCa {
+                path: ca.clone(),
+                source: e,
+            };
             let mut roots = RootCertStore::empty();
             for c in read_certs("grpc.tlsClientCA", ca)? {
-                roots
-                    .add(c)
-                    .map_err(|e| format!("grpc.tlsClientCA: {}: {e}", ca.display()))?;
+                roots.add(c).map_err(|e| ca_error(e.into()))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| format!("grpc.tlsClientCA: {}: {e}", ca.display()))?;
+                .map_err(|e| ca_error(e.into()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
     };
     let mut config = builder
         .with_single_cert(certs, key)
-        .map_err(|e| format!("grpc.tlsKey: does not match grpc.tlsCert or is unusable: {e}"))?;
+        .map_err(TlsError::KeyMismatch)?;
     config.alpn_protocols = vec![b"h2".to_vec()];
     Ok(config)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cert_file_without_pem_names_the_key_and_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert = dir.path().join("tls.crt");
+        std::fs::write(&cert, "not a certificate\n").unwrap();
+        let files = TlsFiles {
+            cert: cert.clone(),
+            key: dir.path().join("tls.key"),
+            client_ca: None,
+        };
+        let Err(e) = ReloadableTls::load(files) else {
+            panic!("loaded a certificate from text");
+        };
+        assert!(matches!(e, TlsError::NoCertificate { .. }), "{e:?}");
+        assert_eq!(
+            e.to_string(),
+            format!("grpc.tlsCert: no PEM certificate in {}", cert.display())
+        );
+    }
 }

@@ -6,10 +6,12 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bitbucket_connector::config::Config;
+use bitbucket_connector::config::{decode_key, Config, ConnectorConfig, ListenAddr};
 use bitbucket_connector::pb;
 use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
+use bitbucket_connector::secret::Secret;
 use bitbucket_connector::server::{self, App, Listener};
+use bitbucket_connector::startup::StartupError;
 use fake_bitbucket::{FakeBitbucket, Fixture};
 use tokio::sync::oneshot;
 use tonic::transport::Channel;
@@ -84,9 +86,7 @@ impl Setup {
 
     async fn start_inner(self, fake: FakeBitbucket, probe: bool) -> Env {
         let telemetry = self.telemetry.then(free_port);
-        let yaml = self.yaml(&fake, telemetry);
-        let cfg = Config::parse(&yaml, &|_| None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
-        let app = App::new(cfg).unwrap();
+        let app = App::new(self.config(&fake, telemetry)).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
@@ -110,6 +110,40 @@ impl Setup {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         env
+    }
+
+    /// The service's config, built in Rust; through the YAML file format
+    /// when a test gave raw YAML lines.
+    fn config(&self, fake: &FakeBitbucket, telemetry: Option<SocketAddr>) -> Config {
+        if !self.connector.is_empty() || !self.grpc.is_empty() {
+            let yaml = self.yaml(fake, telemetry);
+            return Config::parse(&yaml, &|_| None).unwrap_or_else(|e| panic!("{e}\n{yaml}"));
+        }
+        let connector = |id: &str| {
+            ConnectorConfig {
+                name: "Bitbucket".to_string(),
+                upstream_timeout: Duration::from_secs(2),
+                ..ConnectorConfig::new(id, CLIENT_ID, Secret::new(CLIENT_SECRET), REDIRECT)
+            }
+            .with_endpoints(
+                &fake.auth_url(),
+                &fake.token_url(),
+                &fake.api_url(),
+                &fake.legacy_api_url(),
+            )
+            .unwrap()
+        };
+        let mut connectors = vec![connector("bitbucket-cloud")];
+        if self.second_connector {
+            connectors.push(connector("second"));
+        }
+        let keys = self.keys.iter().map(|k| decode_key(k).unwrap()).collect();
+        let mut cfg = Config::new(keys, connectors);
+        cfg.grpc.addr = ListenAddr::Tcp(SocketAddr::from(([127, 0, 0, 1], 0)));
+        cfg.connector_data.accept_dex_plaintext = self.accept_dex_plaintext;
+        cfg.logger.level = tracing::Level::DEBUG;
+        cfg.telemetry.http = telemetry;
+        cfg
     }
 
     fn yaml(&self, fake: &FakeBitbucket, telemetry: Option<SocketAddr>) -> String {
@@ -164,7 +198,7 @@ pub struct Env {
     pub channel: Channel,
     pub telemetry: Option<SocketAddr>,
     stop: Option<oneshot::Sender<()>>,
-    task: Option<tokio::task::JoinHandle<Result<(), String>>>,
+    task: Option<tokio::task::JoinHandle<Result<(), StartupError>>>,
 }
 
 pub fn scopes(offline_access: bool, groups: bool) -> Option<pb::Scopes> {
