@@ -139,9 +139,7 @@ fn main() {
                 Scenario::Profile => profile().await,
                 Scenario::Faults => faults(args.duration, args.clients, args.fault_scale).await,
                 Scenario::Budget => budget::calls().await,
-                Scenario::Org => {
-                    budget::organisation(Duration::from_secs(600), args.speedup).await
-                }
+                Scenario::Org => budget::organisation(Duration::from_secs(600), args.speedup).await,
                 Scenario::OrgDay => {
                     budget::organisation(Duration::from_secs(8 * 3600), args.speedup).await
                 }

@@ -393,9 +393,7 @@ impl ServerState {
             return body.clone();
         }
         let ws = &self.fixture.workspaces[w];
-        let body: Arc<str> = group_json(base, self, ws, &ws.groups[g])
-            .to_string()
-            .into();
+        let body: Arc<str> = group_json(base, self, ws, &ws.groups[g]).to_string().into();
         self.group_bodies.insert((w, g), body.clone());
         body
     }
