@@ -14,7 +14,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         // Identity carries connector_data, which may hold dex plaintext tokens:
-        // its Debug is written by hand (src/grpc.rs) and redacts them.
+        // its Debug is written by hand (src/lib.rs, module `pb`) and redacts them.
         .skip_debug(["connector.v1.Identity"])
         .compile_fds(fds)?;
     Ok(())

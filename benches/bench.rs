@@ -3,14 +3,14 @@
 //!
 //! ```sh
 //! cargo build --release
-//! cargo bench --bench bench -- [SCENARIO...] [--duration SECS] [--clients N]
+//! cargo bench --bench bench -- [SCENARIO...] [OPTIONS]   # --help lists them
 //! ```
 //!
 //! Scenarios: login-latency, overhead, cpu, memory, startup, shutdown, profile,
 //! budget (the default set, in this order), faults (opt-in; `--fault-scale 0`
 //! runs the same load without faults, for comparison), org and org-day
 //! (opt-in: an organisation's working day of logins and refreshes with
-//! permissionCacheTTL 10m or 8h, ~5 min each; needs redis-server) and attacks
+//! permissionCacheTTL 10m or 8h; needs redis-server) and attacks
 //! (opt-in: held streams, idle connections, descriptor exhaustion, big
 //! upstream bodies, each against a fresh process). The binary is
 //! `$BITBUCKET_CONNECTOR_BIN`, else `target/release/bitbucket-connector`.
@@ -39,15 +39,15 @@ use tonic_types::StatusExt as _;
 #[path = "budget/mod.rs"]
 mod budget;
 
-const DEFAULT_SCENARIOS: &[&str] = &[
-    "login-latency",
-    "overhead",
-    "cpu",
-    "memory",
-    "startup",
-    "shutdown",
-    "profile",
-    "budget",
+const DEFAULT_SCENARIOS: &[Scenario] = &[
+    Scenario::LoginLatency,
+    Scenario::Overhead,
+    Scenario::Cpu,
+    Scenario::Memory,
+    Scenario::Startup,
+    Scenario::Shutdown,
+    Scenario::Profile,
+    Scenario::Budget,
 ];
 const DATA_KEY: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=";
 const BENCH_ADMIN: &str = "bench-admin@example.com";
@@ -60,70 +60,90 @@ const USER_SIZES: &[usize] = &[1, 5, 20, 100];
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Res<T> = Result<T, BoxError>;
 
+/// Performance figures for the service, printed as Markdown (BENCHMARKS.md).
+#[derive(clap::Parser)]
 struct Args {
-    scenarios: Vec<String>,
+    /// The scenarios to run, in order; none: the default set (all but faults,
+    /// org, org-day and attacks).
+    #[arg(value_enum)]
+    scenarios: Vec<Scenario>,
+    /// faults: how long the load runs, in seconds.
+    #[arg(long, value_name = "SECS", default_value_t = 60)]
     duration: u64,
+    /// faults: concurrent clients.
+    #[arg(long, value_name = "N", default_value_t = 1000)]
     clients: usize,
-    /// Multiplies the faults' probabilities (0: none, to compare).
+    /// faults: multiplies the faults' probabilities (0: none, to compare).
+    #[arg(long, value_name = "F", default_value_t = 1.0)]
     fault_scale: f64,
+    /// org, org-day: how many times faster than real time the simulated day
+    /// runs (TTLs and intervals scaled alike).
+    #[arg(long, value_name = "X", default_value_t = 960.0)]
+    speedup: f64,
+    /// Passed by `cargo bench` to `harness = false` targets; ignored.
+    #[arg(long, hide = true)]
+    bench: bool,
 }
 
-fn parse_args() -> Res<Args> {
-    let mut args = Args {
-        scenarios: Vec::new(),
-        duration: 60,
-        clients: 1000,
-        fault_scale: 1.0,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(a) = it.next() {
-        match a.as_str() {
-            // cargo bench passes --bench to harness = false targets.
-            "--bench" => {}
-            "--duration" => args.duration = it.next().ok_or("--duration SECS")?.parse()?,
-            "--clients" => args.clients = it.next().ok_or("--clients N")?.parse()?,
-            "--fault-scale" => args.fault_scale = it.next().ok_or("--fault-scale F")?.parse()?,
-            s if s.starts_with("--") => return Err(format!("unknown option {s}").into()),
-            s => args.scenarios.push(s.to_string()),
-        }
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum Scenario {
+    LoginLatency,
+    Overhead,
+    Cpu,
+    Memory,
+    Startup,
+    Shutdown,
+    Profile,
+    Budget,
+    /// Opt-in: a long load with faults injected at the fake.
+    Faults,
+    /// Opt-in: an organisation's working day, permissionCacheTTL 10m.
+    Org,
+    /// Opt-in: the same with permissionCacheTTL 8h.
+    OrgDay,
+    /// Opt-in: hostile and broken callers, each against a fresh process.
+    Attacks,
+}
+
+impl Scenario {
+    fn name(self) -> String {
+        use clap::ValueEnum as _;
+        self.to_possible_value()
+            .map(|v| v.get_name().to_owned())
+            .unwrap_or_default()
     }
-    if args.scenarios.is_empty() {
-        args.scenarios = DEFAULT_SCENARIOS.iter().map(|s| s.to_string()).collect();
-    }
-    Ok(args)
 }
 
 fn main() {
-    let args = match parse_args() {
-        Ok(a) => a,
-        Err(e) => {
-            eprintln!("bench: {e}");
-            std::process::exit(2);
-        }
-    };
+    let mut args = <Args as clap::Parser>::parse();
+    if args.scenarios.is_empty() {
+        args.scenarios = DEFAULT_SCENARIOS.to_vec();
+    }
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let failed = rt.block_on(async move {
         let mut failed = false;
-        for s in &args.scenarios {
+        for &scenario in &args.scenarios {
+            let s = scenario.name();
             println!("\n## {s}\n");
             let started = Instant::now();
-            let r = match s.as_str() {
-                "login-latency" => login_latency().await,
-                "overhead" => overhead().await,
-                "cpu" => cpu().await,
-                "memory" => memory().await,
-                "startup" => startup().await,
-                "shutdown" => shutdown().await,
-                "profile" => profile().await,
-                "faults" => faults(args.duration, args.clients, args.fault_scale).await,
-                "budget" => budget::calls().await,
-                "org" => budget::organisation(Duration::from_secs(600)).await,
-                "org-day" => budget::organisation(Duration::from_secs(8 * 3600)).await,
-                "attacks" => attacks().await,
-                other => Err(format!("unknown scenario {other}").into()),
+            let r = match scenario {
+                Scenario::LoginLatency => login_latency().await,
+                Scenario::Overhead => overhead().await,
+                Scenario::Cpu => cpu().await,
+                Scenario::Memory => memory().await,
+                Scenario::Startup => startup().await,
+                Scenario::Shutdown => shutdown().await,
+                Scenario::Profile => profile().await,
+                Scenario::Faults => faults(args.duration, args.clients, args.fault_scale).await,
+                Scenario::Budget => budget::calls().await,
+                Scenario::Org => budget::organisation(Duration::from_secs(600), args.speedup).await,
+                Scenario::OrgDay => {
+                    budget::organisation(Duration::from_secs(8 * 3600), args.speedup).await
+                }
+                Scenario::Attacks => attacks().await,
             };
             if let Err(e) = r {
                 println!("\n**{s} failed: {e}**");

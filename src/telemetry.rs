@@ -33,8 +33,8 @@ pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::Worke
     let filter = EnvFilter::try_from_env("RUST_LOG").unwrap_or_else(|_| EnvFilter::new(default));
     let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
         .lossy(false)
-        // The queue is allocated up front: 8k lines is 256 KiB (the default
-        // 128k lines would be 4 MiB of a 10 MB process).
+        // The queue is allocated up front: 8k lines is 256 KiB, the default
+        // 128k lines 4 MiB (the idle process's size: BENCHMARKS.md, memory).
         .buffered_lines_limit(8 * 1024)
         .thread_name("log-writer")
         .finish(std::io::BufWriter::with_capacity(
@@ -64,7 +64,7 @@ pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::Worke
 
 /// `name=value` fields, the message bare: the default field formatter's
 /// output without its styling, which it applies (as empty styles) even with
-/// colour off (3.4 k of the access line's 11.2 k instructions).
+/// colour off (its cost: BENCHMARKS.md, "What the profile led to").
 fn plain_fields() -> impl for<'w> tracing_subscriber::fmt::FormatFields<'w> + 'static {
     use tracing_subscriber::field::MakeExt;
     tracing_subscriber::fmt::format::debug_fn(

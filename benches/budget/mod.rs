@@ -341,16 +341,14 @@ impl Drop for Redis {
     }
 }
 
-/// Simulated time runs this many times faster than real time; TTLs and
-/// intervals are scaled alike (a day of 9 h in ~34 s).
-const SPEEDUP: f64 = 960.0;
-
-fn scaled(sim: Duration) -> Duration {
-    sim.div_f64(SPEEDUP)
+/// Simulated time runs `speedup` times faster than real time; TTLs and
+/// intervals are scaled alike.
+fn scaled(sim: Duration, speedup: f64) -> Duration {
+    sim.div_f64(speedup)
 }
 
-fn go_ms(sim: Duration) -> String {
-    format!("{}ms", scaled(sim).as_millis().max(1))
+fn go_ms(sim: Duration, speedup: f64) -> String {
+    format!("{}ms", scaled(sim, speedup).as_millis().max(1))
 }
 
 /// One organisation day: each user logs in at a random time in the first
@@ -364,14 +362,15 @@ async fn day(
     redis: Option<&Redis>,
     refresh_ttl: Duration,
     permission_ttl: Duration,
+    speedup: f64,
 ) -> Res<(Vec<u64>, usize, Duration)> {
     let ttls = Ttls {
-        permission: go_ms(permission_ttl),
-        groups: go_ms(Duration::from_secs(60)),
+        permission: go_ms(permission_ttl, speedup),
+        groups: go_ms(Duration::from_secs(60), speedup),
         refresh: if refresh_ttl.is_zero() {
             "0s".into()
         } else {
-            go_ms(refresh_ttl)
+            go_ms(refresh_ttl, speedup)
         },
     };
     let top = redis
@@ -425,7 +424,7 @@ async fn day(
         let failed = failed.clone();
         let lag = lag.clone();
         tasks.spawn(async move {
-            let due = start + scaled(login_at);
+            let due = start + scaled(login_at, speedup);
             tokio::time::sleep_until(due.into()).await;
             lag.fetch_max(due.elapsed().as_millis() as u64, Ordering::Relaxed);
             let ch = &channels[i % channels.len()];
@@ -436,7 +435,7 @@ async fn day(
             };
             for n in 1..=REFRESHES_PER_DAY {
                 let at = login_at + Duration::from_secs(1800 * n as u64);
-                let due = start + scaled(at);
+                let due = start + scaled(at, speedup);
                 tokio::time::sleep_until(due.into()).await;
                 lag.fetch_max(due.elapsed().as_millis() as u64, Ordering::Relaxed);
                 let ch = &channels[(i + n) % channels.len()];
@@ -460,7 +459,7 @@ async fn day(
 
 /// `permission_ttl`: 10m (the README's example) for `org`, a working day
 /// (8h) for `org-day`: a refresh every 30 minutes outlives a 10m cache.
-pub async fn organisation(permission_ttl: Duration) -> Res<()> {
+pub async fn organisation(permission_ttl: Duration, speedup: f64) -> Res<()> {
     let fake = FakeBitbucket::start(org_fixture()).await?;
     let redis = Redis::start().await?;
     let mean_w = (0..ORG_USERS).map(org_w).sum::<usize>() as f64 / ORG_USERS as f64;
@@ -470,7 +469,7 @@ pub async fn organisation(permission_ttl: Duration) -> Res<()> {
          (1 + 49·(i/500)³; mean {mean_w:.1}; ~4 % of memberships admin), each logging in once at \
          a random time of the first hour, then refreshing every 30 min, {REFRESHES_PER_DAY} times \
          (scopes.groups, getWorkspacePermissions; permissionCacheTTL {}, teamGroupsCacheTTL 60s). \
-         Simulated time runs {SPEEDUP}x faster, TTLs and intervals scaled alike; RPCs go round \
+         Simulated time runs {speedup}x faster, TTLs and intervals scaled alike; RPCs go round \
          robin over the replicas (no affinity). Calls are counted at the fake by resource, \
          per user-day (= per login with its day of refreshes). Access tokens do not expire \
          within the compressed run: a real day adds 4 redemptions per user (token resource, \
@@ -524,7 +523,7 @@ pub async fn organisation(permission_ttl: Duration) -> Res<()> {
         (Groups::TeamGroups, 3, true, 35 * 60),
     ];
     // A 10m permission cache misses on every 30-minute refresh: two rows show
-    // it (and cost the fake ~150k requests each).
+    // it (each costs the fake many more requests).
     let short: &[(Groups, usize, bool, u64)] = &[all[0], all[6]];
     let runs = if permission_ttl < Duration::from_secs(1800) {
         short
@@ -540,6 +539,7 @@ pub async fn organisation(permission_ttl: Duration) -> Res<()> {
             shared.then_some(&redis),
             refresh_ttl,
             permission_ttl,
+            speedup,
         )
         .await?;
         let mut per: Vec<f64> = d.iter().map(|c| *c as f64 / ORG_USERS as f64).collect();
@@ -558,7 +558,7 @@ pub async fn organisation(permission_ttl: Duration) -> Res<()> {
             },
             cells(&per),
             rate / dex_rate,
-            (lag.as_secs_f64() * SPEEDUP),
+            (lag.as_secs_f64() * speedup),
         );
     }
     Ok(())

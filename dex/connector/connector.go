@@ -289,13 +289,6 @@ func (b *bitbucketConnector) call(ctx context.Context, rpc func(context.Context,
 	return err
 }
 
-// unreachable is an UNAVAILABLE that the service did not send: the service's
-// own errors carry an ErrorInfo.
-func unreachable(err error) bool {
-	st, ok := status.FromError(err)
-	return ok && st.Code() == codes.Unavailable && len(st.Details()) == 0
-}
-
 func scopes(s dexconnector.Scopes) *pb.Scopes {
 	return &pb.Scopes{OfflineAccess: s.OfflineAccess, Groups: s.Groups}
 }

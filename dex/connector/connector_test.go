@@ -344,7 +344,7 @@ func TestOpenRejectsBadConfigs(t *testing.T) {
 	}
 }
 
-func TestUnixSocketAddresses(t *testing.T) {
+func TestAServiceOnAUnixSocketIsReached(t *testing.T) {
 	sock := t.TempDir() + "/svc.sock"
 	_, _, stop := serveOn(t, "unix", sock)
 	defer stop()

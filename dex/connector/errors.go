@@ -56,6 +56,13 @@ func fromRPC(method string, err error) error {
 	return se
 }
 
+// unreachable is an UNAVAILABLE that the service did not send: the service's
+// own errors carry an ErrorInfo.
+func unreachable(err error) bool {
+	st, ok := status.FromError(err)
+	return ok && st.Code() == codes.Unavailable && len(st.Details()) == 0
+}
+
 // notInTeams keeps the service's message and code and is, for errors.As,
 // dex's UserNotInRequiredGroupsError.
 type notInTeams struct {

@@ -360,11 +360,12 @@ pub(super) async fn legacy_groups(
     req: Request,
 ) -> Result<Response, ApiError> {
     begin(&shared, Endpoint::Groups, &req).await?;
-    let st = shared.lock();
+    let mut st = shared.lock();
     let caller = legacy_caller(&st, req.headers())?;
-    let Some(ws) = st.workspace(&workspace) else {
+    let Some(&w) = st.index.workspace_by_key.get(&workspace) else {
         return Err(ApiError::api(StatusCode::NOT_FOUND, "Workspace not found"));
     };
+    let ws = &st.fixture.workspaces[w];
     let allowed = match &caller {
         Caller::Admin(slugs) => slugs.iter().any(|s| *s == ws.slug || *s == ws.uuid),
         Caller::User(uuid) => st
@@ -377,12 +378,39 @@ pub(super) async fn legacy_groups(
             "You must be an administrator of this workspace to list its groups.",
         ));
     }
-    let groups: Vec<Value> = ws
-        .groups
-        .iter()
-        .map(|g| group_json(&shared.base_url, &st, ws, g))
+    let groups: Vec<Arc<str>> = (0..ws.groups.len())
+        .map(|g| st.group_body(&shared.base_url, w, g))
         .collect();
-    Ok(json_response(StatusCode::OK, &Value::Array(groups)))
+    drop(st);
+    Ok(json_array(&groups))
+}
+
+impl ServerState {
+    /// [`group_json`] as text, rendered once per fixture: a workspace's groups
+    /// list hundreds of members, and every cold login may ask for them.
+    fn group_body(&mut self, base: &str, w: usize, g: usize) -> Arc<str> {
+        if let Some(body) = self.group_bodies.get(&(w, g)) {
+            return body.clone();
+        }
+        let ws = &self.fixture.workspaces[w];
+        let body: Arc<str> = group_json(base, self, ws, &ws.groups[g]).to_string().into();
+        self.group_bodies.insert((w, g), body.clone());
+        body
+    }
+}
+
+/// `[a,b,…]` from JSON texts, as `Value::Array(..).to_string()` writes it.
+fn json_array(items: &[Arc<str>]) -> Response {
+    let mut text = String::with_capacity(2 + items.iter().map(|i| i.len() + 1).sum::<usize>());
+    text.push('[');
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            text.push(',');
+        }
+        text.push_str(item);
+    }
+    text.push(']');
+    raw(StatusCode::OK, "application/json; charset=utf-8", text)
 }
 
 /// A group as API 1.0 writes it, members and owner included.
@@ -433,7 +461,7 @@ pub(super) async fn legacy_group_filter(
     req: Request,
 ) -> Result<Response, ApiError> {
     begin(&shared, Endpoint::GroupFilter, &req).await?;
-    let st = shared.lock();
+    let mut st = shared.lock();
     let caller = legacy_caller(&st, req.headers())?;
     let query = req.uri().query().unwrap_or_default();
     let mut out = Vec::new();
@@ -445,19 +473,21 @@ pub(super) async fn legacy_group_filter(
         let Some((ws_slug, group_slug)) = v.split_once('/') else {
             continue;
         };
-        let Some(ws) = st.workspace(ws_slug) else {
+        let Some(&w) = st.index.workspace_by_key.get(ws_slug) else {
             continue;
         };
-        let Some(g) = ws.groups.iter().find(|g| g.slug == group_slug) else {
+        let ws = &st.fixture.workspaces[w];
+        let Some(g) = ws.groups.iter().position(|g| g.slug == group_slug) else {
             continue;
         };
         let visible = match &caller {
             Caller::Admin(slugs) => slugs.iter().any(|s| *s == ws.slug || *s == ws.uuid),
-            Caller::User(uuid) => g.members.iter().any(|m| m == uuid),
+            Caller::User(uuid) => ws.groups[g].members.iter().any(|m| m == uuid),
         };
-        if visible && seen.insert((ws.slug.clone(), g.slug.clone())) {
-            out.push(group_json(&shared.base_url, &st, ws, g));
+        if visible && seen.insert((w, g)) {
+            out.push(st.group_body(&shared.base_url, w, g));
         }
     }
-    Ok(json_response(StatusCode::OK, &Value::Array(out)))
+    drop(st);
+    Ok(json_array(&out))
 }

@@ -506,6 +506,9 @@ struct ServerState {
     history: std::collections::VecDeque<String>,
     /// The most recent refresh tokens minted, for the control API.
     refresh_log: std::collections::VecDeque<control::RefreshLogEntry>,
+    /// API 1.0 group objects as JSON text, by (workspace, group) index,
+    /// rendered on first use and dropped with the index (`reindex`).
+    group_bodies: HashMap<(usize, usize), Arc<str>>,
 }
 
 impl ServerState {
@@ -528,6 +531,7 @@ impl ServerState {
             issued: 0,
             history: Default::default(),
             refresh_log: Default::default(),
+            group_bodies: HashMap::new(),
         };
         st.reindex();
         st
@@ -559,6 +563,7 @@ impl ServerState {
             }
         }
         self.index = ix;
+        self.group_bodies.clear();
     }
 
     fn user(&self, uuid: &str) -> Option<&User> {

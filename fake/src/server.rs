@@ -252,7 +252,7 @@ fn huge_json(n: usize) -> String {
     s
 }
 
-fn raw(status: StatusCode, content_type: &'static str, body: String) -> Response {
+pub(super) fn raw(status: StatusCode, content_type: &'static str, body: String) -> Response {
     let mut resp = Response::new(Body::from(body));
     *resp.status_mut() = status;
     resp.headers_mut()

@@ -789,6 +789,42 @@ async fn groups_are_readable_with_the_admin_credential_of_that_workspace() {
 }
 
 #[tokio::test]
+async fn group_answers_follow_a_fixture_change_made_after_they_were_read() {
+    let (fake, http) = start().await;
+    let bob = access_token(&fake, &http, "bob").await;
+    let list = || {
+        http.get(format!("{}/groups/looking-glass", fake.legacy_api_url()))
+            .basic_auth("admin@example.com", Some("demo-admin-api-token"))
+            .send()
+    };
+    let filter = format!(
+        "{}/groups?group=wonderland/administrators",
+        fake.legacy_api_url()
+    );
+    let groups: Value =
+        serde_json::from_slice(&list().await.unwrap().bytes().await.unwrap()).unwrap();
+    assert!(group_members(&groups, "writers").is_empty());
+    assert_eq!(get_json(&http, &filter, Some(&bob)).await.1, json!([]));
+    fake.update_fixture(|f| {
+        for ws in &mut f.workspaces {
+            for g in &mut ws.groups {
+                if (ws.slug.as_str(), g.slug.as_str()) == ("looking-glass", "writers")
+                    || (ws.slug.as_str(), g.slug.as_str()) == ("wonderland", "administrators")
+                {
+                    g.members.push(BOB_UUID.to_owned());
+                }
+            }
+        }
+    });
+    let groups: Value =
+        serde_json::from_slice(&list().await.unwrap().bytes().await.unwrap()).unwrap();
+    assert_eq!(group_members(&groups, "writers"), [BOB_UUID]);
+    let (status, body) = get_json(&http, &filter, Some(&bob)).await;
+    assert_eq!(status, S::OK);
+    assert!(group_members(&body, "administrators").contains(&BOB_UUID.to_owned()));
+}
+
+#[tokio::test]
 async fn groups_are_readable_with_an_owners_token() {
     let (fake, http) = start().await;
     let alice = access_token(&fake, &http, "alice").await;

@@ -62,9 +62,7 @@ async fn serve_json_logs() -> (
         "logger:\n  format: json\n",
     ));
     let child = spawn_serve(f.path());
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = lazy_channel(addr);
     wait_serving(&mut HealthClient::new(channel.clone())).await;
     (fake, f, child, channel)
 }
@@ -290,21 +288,6 @@ fn serve_reads_the_config_path_from_the_environment() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/bbc.yaml: cannot read"));
 }
 
-async fn wait_serving(health: &mut HealthClient<Channel>) {
-    for _ in 0..300 {
-        let r = health
-            .check(HealthCheckRequest {
-                service: String::new(),
-            })
-            .await;
-        if r.is_ok_and(|r| r.into_inner().status == 1) {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("not serving");
-}
-
 /// The access line per RPC, as a log collector reads it: INFO without an
 /// `error` field when OK, INFO with the message for a caller's mistake, WARN
 /// with the message for an upstream outage.
@@ -501,9 +484,7 @@ async fn plaintext_on_a_public_address_without_tokens_warns_at_startup() {
     let port = free_port().port();
     let f = write_config(&config_for(&fake, &format!("0.0.0.0:{port}"), ""));
     let child = spawn_serve(f.path());
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = lazy_channel(format!("127.0.0.1:{port}"));
     wait_serving(&mut HealthClient::new(channel)).await;
     sigterm(&child);
     let out = child.wait_with_output().await.unwrap();
@@ -664,9 +645,7 @@ async fn sighup_never_stops_a_plaintext_service_and_is_logged() {
     let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
     let addr = free_port();
     let f = write_config(&config_for(&fake, &addr.to_string(), ""));
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = lazy_channel(addr);
     let stderr = survives_hangups(spawn_serve(f.path()), channel).await;
     assert_eq!(
         stderr.matches("SIGHUP received; nothing to reload").count(),
@@ -740,9 +719,7 @@ async fn refusals_and_long_caller_strings_in_access_lines() {
         "  authTokens: [the-token-value]\nlogger:\n  format: json\n",
     ));
     let child = spawn_serve(f.path());
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = lazy_channel(addr);
     wait_serving(&mut HealthClient::new(channel.clone())).await;
     let mut c = ConnectorServiceClient::new(channel);
     let err = c
@@ -816,9 +793,7 @@ async fn running_out_of_descriptors_is_logged_and_backed_off() {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let channel = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = lazy_channel(addr);
     let mut health = HealthClient::new(channel);
     wait_serving(&mut health).await;
     let mut hogs = Vec::new();
@@ -837,9 +812,7 @@ async fn running_out_of_descriptors_is_logged_and_backed_off() {
     );
     wait_serving(&mut health).await;
     drop(hogs);
-    let fresh = Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect_lazy();
+    let fresh = lazy_channel(addr);
     wait_serving(&mut HealthClient::new(fresh)).await;
     sigterm(&child);
     let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())

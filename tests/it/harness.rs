@@ -324,7 +324,6 @@ impl Drop for Env {
     }
 }
 
-/// The ErrorInfo reason of a status.
 /// The value of one sample line of the Prometheus text, if present.
 pub fn metric(text: &str, sample: &str) -> Option<f64> {
     text.lines().find_map(|l| {
@@ -336,6 +335,7 @@ pub fn metric(text: &str, sample: &str) -> Option<f64> {
     })
 }
 
+/// The ErrorInfo reason of a status.
 pub fn reason(s: &tonic::Status) -> String {
     use tonic_types::StatusExt as _;
     s.get_details_error_info()
@@ -352,4 +352,54 @@ pub async fn http_get(url: &str) -> (u16, String) {
     let resp = reqwest::Client::new().get(url).send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap())
+}
+
+/// The generated client over plain HTTP/2 (hyper), without tonic's Channel:
+/// a `grpc-timeout` it sends starts no timer on this side, so only the
+/// service can enforce it.
+pub type ClientWithoutTimer = ConnectorServiceClient<
+    hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        tonic::body::Body,
+    >,
+>;
+
+impl Env {
+    pub fn client_without_timer(&self) -> ClientWithoutTimer {
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .http2_only(true)
+                .build_http();
+        let origin = format!("http://{}", self.addr).parse().unwrap();
+        ConnectorServiceClient::with_origin(http, origin)
+    }
+}
+
+/// The code and ErrorInfo reason of a status, both as expected.
+pub fn assert_status(err: &tonic::Status, code: tonic::Code, why: &str) {
+    assert_eq!(err.code(), code, "{err:?}");
+    assert_eq!(reason(err), why, "{err:?}");
+}
+
+/// A channel to a service process that may not listen yet.
+pub fn lazy_channel(addr: impl std::fmt::Display) -> Channel {
+    Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect_lazy()
+}
+
+/// Waits (up to 6 s) until the overall health status is SERVING.
+pub async fn wait_serving(health: &mut HealthClient<Channel>) {
+    for _ in 0..300 {
+        let r = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await;
+        if r.is_ok_and(|r| r.into_inner().status == 1) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not serving");
 }

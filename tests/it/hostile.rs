@@ -367,11 +367,7 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     let env = Setup::default().grpc("maxConnections: 2").start().await;
     // The harness's own channel holds one; one more fills the limit.
     let (held, _held_ended) = h2_connect_watched(env.addr).await;
-    let fresh = || {
-        tonic::transport::Channel::from_shared(format!("http://{}", env.addr))
-            .unwrap()
-            .connect_lazy()
-    };
+    let fresh = || lazy_channel(env.addr);
     let mut waiting =
         bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh());
     let login_url = || {

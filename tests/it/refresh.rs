@@ -20,11 +20,6 @@ const FIRST: &str = "bitbucket-cloud";
 // ---------------------------------------------------------------------------
 // Helpers
 
-fn assert_status(err: &tonic::Status, code: Code, why: &str) {
-    assert_eq!(err.code(), code, "{err:?}");
-    assert_eq!(reason(err), why, "{err:?}");
-}
-
 fn data_key(b64: &str) -> DataKey {
     let raw = base64::engine::general_purpose::STANDARD
         .decode(b64)

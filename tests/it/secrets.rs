@@ -8,7 +8,6 @@ use std::time::Duration;
 use bitbucket_connector::pb;
 use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
 use fake_bitbucket::{FakeBitbucket, Fixture};
-use tonic::transport::Channel;
 
 use crate::harness::*;
 
@@ -60,9 +59,7 @@ async fn run(format: &str) {
         .kill_on_drop(true)
         .spawn()
         .unwrap();
-    let channel = Channel::from_shared(format!("http://127.0.0.1:{port}"))
-        .unwrap()
-        .connect_lazy();
+    let channel = lazy_channel(format!("127.0.0.1:{port}"));
     let mut c = ConnectorServiceClient::new(channel);
     let mut up = false;
     for _ in 0..200 {

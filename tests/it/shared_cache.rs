@@ -128,9 +128,7 @@ impl Service {
             .kill_on_drop(true)
             .spawn()
             .unwrap();
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .unwrap()
-            .connect_lazy();
+        let channel = lazy_channel(addr);
         let mut health = HealthClient::new(channel.clone());
         for _ in 0..300 {
             let r = health

@@ -121,7 +121,7 @@ func TestBuiltInConnectorConfigsAreCheckedToo(t *testing.T) {
 	}
 }
 
-func TestRequiredKeys(t *testing.T) {
+func TestAConfigWithoutItsRequiredKeysNamesEachOne(t *testing.T) {
 	_, err := parseConfig([]byte("logger: {level: info}\n"), goodEnv)
 	for _, w := range []string{"issuer: required", "web: http or https is required", "storage.type: required"} {
 		if err == nil || !strings.Contains(err.Error(), w) {
@@ -130,7 +130,7 @@ func TestRequiredKeys(t *testing.T) {
 	}
 }
 
-func TestCheckConfigCommand(t *testing.T) {
+func TestCheckConfigSaysOkOrPrintsTheProblemAndExits1(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "dex.yaml")
 	cfg := strings.NewReplacer("$DB_DIR", dir, "secretEnv: EXAMPLE_SECRET", "secret: s",

@@ -51,7 +51,8 @@ type ConnectorServiceClient interface {
 	//
 	// Errors: INVALID_ARGUMENT (reason CALLBACK_URL_MISMATCH) when callback_url
 	// differs from the connector's configured redirectURI; NOT_FOUND (reason
-	// UNKNOWN_CONNECTOR) for an unknown or ambiguous connector_id.
+	// UNKNOWN_CONNECTOR) for an unknown connector_id, NOT_FOUND (reason
+	// AMBIGUOUS_CONNECTOR) for an empty one when several are configured.
 	LoginURL(ctx context.Context, in *LoginURLRequest, opts ...grpc.CallOption) (*LoginURLResponse, error)
 	// HandleCallback turns the query string Bitbucket redirected the browser
 	// back with into an identity: it exchanges the `code` for tokens and reads
@@ -130,7 +131,8 @@ type ConnectorServiceServer interface {
 	//
 	// Errors: INVALID_ARGUMENT (reason CALLBACK_URL_MISMATCH) when callback_url
 	// differs from the connector's configured redirectURI; NOT_FOUND (reason
-	// UNKNOWN_CONNECTOR) for an unknown or ambiguous connector_id.
+	// UNKNOWN_CONNECTOR) for an unknown connector_id, NOT_FOUND (reason
+	// AMBIGUOUS_CONNECTOR) for an empty one when several are configured.
 	LoginURL(context.Context, *LoginURLRequest) (*LoginURLResponse, error)
 	// HandleCallback turns the query string Bitbucket redirected the browser
 	// back with into an identity: it exchanges the `code` for tokens and reads
