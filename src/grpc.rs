@@ -17,7 +17,9 @@ use crate::metrics::{
     self, Method, MethodLabels, Metrics, RpcLabels, UpstreamTally, UPSTREAM_CALLS,
 };
 use crate::pb;
+use crate::secret::Secret;
 use std::sync::atomic::{AtomicBool, Ordering};
+use subtle::ConstantTimeEq as _;
 
 /// The ErrorInfo domain of every error this service returns.
 pub const ERROR_DOMAIN: &str = "bitbucket-connector";
@@ -102,23 +104,33 @@ impl Call {
 }
 
 /// The per-RPC envelope of `ConnectorService`, a tower layer outside tonic's
-/// codec: an RPC counts against `grpc.maxInFlight` and its deadline from its
-/// HEADERS frame, whether or not a body ever comes, and every outcome
-/// (refusals before the handler included) gets an ErrorInfo, a metrics
-/// sample and one log line.
+/// codec: the bearer token is checked from the HEADERS frame before
+/// anything else, so a caller without one is refused at once and never holds
+/// a slot; an admitted RPC counts against `grpc.maxInFlight` and its deadline
+/// from its HEADERS frame, whether or not a body ever comes; and every
+/// outcome (refusals before the handler included) gets an ErrorInfo, a
+/// metrics sample and one log line.
 #[derive(Clone)]
 pub struct Envelope {
     metrics: Metrics,
     in_flight: Arc<Semaphore>,
     default_timeout: Duration,
+    /// `grpc.authTokens`; empty: no token required.
+    tokens: Arc<[Secret]>,
 }
 
 impl Envelope {
-    pub fn new(metrics: Metrics, in_flight: Arc<Semaphore>, default_timeout: Duration) -> Self {
+    pub fn new(
+        metrics: Metrics,
+        in_flight: Arc<Semaphore>,
+        default_timeout: Duration,
+        tokens: Vec<Secret>,
+    ) -> Self {
         Envelope {
             metrics,
             in_flight,
             default_timeout,
+            tokens: tokens.into(),
         }
     }
 }
@@ -182,8 +194,9 @@ where
         let deadline = Instant::now() + timeout(req.headers(), envelope.default_timeout);
         let call = Call::new(deadline);
         req.extensions_mut().insert(call.clone());
+        let admitted = check_token(&envelope.tokens, req.headers());
         let record = Record {
-            _in_flight: InFlight::new(&envelope.metrics),
+            _in_flight: admitted.is_ok().then(|| InFlight::new(&envelope.metrics)),
             metrics: envelope.metrics.clone(),
             method: method_of(req.uri().path()),
             call: call.clone(),
@@ -191,15 +204,19 @@ where
             started,
             done: false,
         };
-        let permit = envelope.in_flight.clone().try_acquire_owned();
+        let permit = admitted.map(|()| envelope.in_flight.clone().try_acquire_owned());
         Box::pin(async move {
             let mut record = record;
-            let Ok(_permit) = permit else {
-                return Ok(record.answer(status(
-                    Code::ResourceExhausted,
-                    "too many requests in flight; retry with backoff".into(),
-                    "TOO_MANY_REQUESTS",
-                )));
+            let _permit = match permit {
+                Ok(Ok(p)) => p,
+                Err(unauthenticated) => return Ok(record.answer(unauthenticated)),
+                Ok(Err(_)) => {
+                    return Ok(record.answer(status(
+                        Code::ResourceExhausted,
+                        "too many requests in flight; retry with backoff".into(),
+                        "TOO_MANY_REQUESTS",
+                    )))
+                }
             };
             let resp =
                 match tokio::time::timeout_at(deadline + ENVELOPE_SLACK, inner.call(req)).await {
@@ -236,6 +253,40 @@ where
     }
 }
 
+/// `authorization: Bearer <token>` when `grpc.authTokens` is set; compared in
+/// constant time against every configured token.
+#[allow(clippy::result_large_err)]
+fn check_token(tokens: &[Secret], headers: &http::HeaderMap) -> Result<(), Status> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let Some(value) = headers.get(http::header::AUTHORIZATION) else {
+        return Err(status(
+            Code::Unauthenticated,
+            "missing authorization metadata (expected `authorization: Bearer <token>`)".into(),
+            "MISSING_CREDENTIALS",
+        ));
+    };
+    let presented = value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
+        .unwrap_or_default();
+    let mut ok = subtle::Choice::from(0u8);
+    for t in tokens {
+        ok |= t.expose().as_bytes().ct_eq(presented);
+    }
+    if bool::from(ok) && !presented.is_empty() {
+        Ok(())
+    } else {
+        Err(status(
+            Code::Unauthenticated,
+            "invalid bearer token".into(),
+            "INVALID_CREDENTIALS",
+        ))
+    }
+}
+
 /// A status tonic made before our handler ran, with the contract's code and an
 /// ErrorInfo: an undecodable message is the caller's fault, not INTERNAL, and
 /// an oversized one RESOURCE_EXHAUSTED, not OUT_OF_RANGE.
@@ -267,7 +318,8 @@ fn method_of(path: &str) -> Method {
 /// One RPC's metrics and log line. Dropped unfinished (the caller went away),
 /// it still records the RPC.
 struct Record {
-    _in_flight: InFlight,
+    /// None for a caller refused before admission (no valid token).
+    _in_flight: Option<InFlight>,
     metrics: Metrics,
     method: Method,
     call: Call,
@@ -691,6 +743,42 @@ mod tests {
         let generated = request_id(&meta);
         assert_eq!(generated.len(), 16, "{generated}");
         assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
+    }
+
+    #[test]
+    fn bearer_tokens_from_the_headers() {
+        let tokens = [Secret::new("first"), Secret::new("second")];
+        let reason = |auth: Option<&[u8]>| {
+            let mut h = http::HeaderMap::new();
+            if let Some(a) = auth {
+                h.insert(
+                    http::header::AUTHORIZATION,
+                    http::HeaderValue::from_bytes(a).unwrap(),
+                );
+            }
+            match check_token(&tokens, &h) {
+                Ok(()) => "ok".to_string(),
+                Err(s) => {
+                    assert_eq!(s.code(), Code::Unauthenticated);
+                    assert!(!s.message().contains("first"), "{s:?}");
+                    s.get_details_error_info().unwrap().reason
+                }
+            }
+        };
+        assert_eq!(reason(Some(b"Bearer first")), "ok");
+        assert_eq!(reason(Some(b"bearer second")), "ok");
+        assert_eq!(reason(None), "MISSING_CREDENTIALS");
+        for bad in [
+            &b"first"[..],
+            b"Bearer ",
+            b"Bearer firs",
+            b"Bearer first ",
+            b"Basic first",
+            b"Bearer \xfffirst",
+        ] {
+            assert_eq!(reason(Some(bad)), "INVALID_CREDENTIALS", "{bad:?}");
+        }
+        assert!(check_token(&[], &http::HeaderMap::new()).is_ok());
     }
 
     #[test]

@@ -8,11 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use subtle::ConstantTimeEq as _;
 use tokio::net::{TcpListener, UnixListener};
 use tokio::sync::Semaphore;
-use tonic::service::interceptor::InterceptedService;
-use tonic::{Code, Status};
 use tonic_health::ServingStatus;
 
 use crate::config::{Config, ListenAddr};
@@ -22,7 +19,6 @@ use crate::grpc::{self, Service};
 use crate::metrics::Metrics;
 use crate::pb::connector_service_server::ConnectorServiceServer;
 use crate::sealing::Sealer;
-use crate::secret::Secret;
 use crate::startup::StartupError;
 use crate::tls::{ReloadableTls, TlsFiles};
 use crate::{bitbucket, pb, telemetry};
@@ -127,11 +123,13 @@ pub async fn serve(
     let service = Service::new(app.connectors.clone(), cfg.default_timeout);
     let connector_server =
         ConnectorServiceServer::new(service).max_decoding_message_size(cfg.max_request_bytes);
-    let tokens = Arc::new(cfg.auth_tokens.clone());
-    let connector_server =
-        InterceptedService::new(connector_server, move |req| check_token(&tokens, req));
     let connector_server = tower::Layer::layer(
-        &grpc::Envelope::new(app.metrics.clone(), in_flight.clone(), cfg.default_timeout),
+        &grpc::Envelope::new(
+            app.metrics.clone(),
+            in_flight.clone(),
+            cfg.default_timeout,
+            cfg.auth_tokens.clone(),
+        ),
         connector_server,
     );
 
@@ -290,40 +288,6 @@ fn on_hangup(tls: Option<Arc<ReloadableTls>>) -> Option<tokio::task::JoinHandle<
     {
         let _ = tls;
         None
-    }
-}
-
-/// `authorization: Bearer <token>` when `grpc.authTokens` is set; compared in
-/// constant time against every configured token.
-#[allow(clippy::result_large_err)]
-fn check_token(tokens: &[Secret], req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
-    if tokens.is_empty() {
-        return Ok(req);
-    }
-    let Some(value) = req.metadata().get("authorization") else {
-        return Err(grpc::status(
-            Code::Unauthenticated,
-            "missing authorization metadata (expected `authorization: Bearer <token>`)".into(),
-            "MISSING_CREDENTIALS",
-        ));
-    };
-    let presented = value
-        .as_bytes()
-        .strip_prefix(b"Bearer ")
-        .or_else(|| value.as_bytes().strip_prefix(b"bearer "))
-        .unwrap_or_default();
-    let mut ok = subtle::Choice::from(0u8);
-    for t in tokens {
-        ok |= t.expose().as_bytes().ct_eq(presented);
-    }
-    if bool::from(ok) && !presented.is_empty() {
-        Ok(req)
-    } else {
-        Err(grpc::status(
-            Code::Unauthenticated,
-            "invalid bearer token".into(),
-            "INVALID_CREDENTIALS",
-        ))
     }
 }
 

@@ -436,3 +436,99 @@ async fn a_telemetry_client_without_a_complete_request_header_is_disconnected() 
         .await
         .contains("bitbucket_connector_rpc_in_flight"));
 }
+
+/// With `authTokens` set, the token is checked from the HEADERS frame before
+/// the stream is admitted: streams without a valid one, bodies never sent,
+/// are refused at once and never hold a `maxInFlight` slot.
+#[tokio::test]
+async fn streams_without_a_valid_token_are_refused_at_once_and_take_no_slot() {
+    let mut setup = Setup::default()
+        .grpc("maxInFlight: 2")
+        .grpc("authTokens: [the-token-value]");
+    setup.telemetry = true;
+    let env = setup.start().await;
+    let mut send = h2_connect(env.addr).await;
+    let mut bodies_never_sent = Vec::new();
+    let mut answers = Vec::new();
+    for i in 0..6 {
+        let token = (i % 2 == 1).then_some("guess");
+        let (resp, body) = send
+            .send_request(grpc_headers(env.addr, LOGIN_URL, Some("60S"), token), false)
+            .unwrap();
+        bodies_never_sent.push(body);
+        answers.push((token, resp));
+    }
+    for (token, resp) in answers {
+        // Within 20 s of a 60 s deadline: not held until it.
+        let s = tokio::time::timeout(Duration::from_secs(20), status_of(resp))
+            .await
+            .expect("a stream without a token was held");
+        assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+        let expected = match token {
+            None => "MISSING_CREDENTIALS",
+            Some(_) => "INVALID_CREDENTIALS",
+        };
+        assert_eq!(error_reason(&s), expected);
+    }
+
+    // Their streams still open: nothing in flight, and both slots free.
+    let m = env.metrics().await;
+    assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 0.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "bitbucket_connector_rpc_requests_total{method=\"LoginURL\",code=\"UNAUTHENTICATED\"}"
+        ),
+        6.0,
+        "{m}"
+    );
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        let (resp, body) = send
+            .send_request(
+                grpc_headers(env.addr, LOGIN_URL, Some("60S"), Some("the-token-value")),
+                false,
+            )
+            .unwrap();
+        held.push((resp, body));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = env.metrics().await;
+    assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 2.0, "{m}");
+    drop(bodies_never_sent);
+}
+
+/// An unauthenticated caller learns nothing of the load: with every slot taken
+/// it is still told UNAUTHENTICATED, and only a caller with a token is told
+/// to back off.
+#[tokio::test]
+async fn with_every_slot_taken_a_caller_without_a_token_is_still_unauthenticated() {
+    let mut setup = Setup::default()
+        .grpc("maxInFlight: 2")
+        .grpc("authTokens: [the-token-value]");
+    setup.telemetry = true;
+    let env = setup.start().await;
+    let mut send = h2_connect(env.addr).await;
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        held.push(
+            send.send_request(
+                grpc_headers(env.addr, LOGIN_URL, Some("60S"), Some("the-token-value")),
+                false,
+            )
+            .unwrap(),
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let m = env.metrics().await;
+    assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 2.0, "{m}");
+
+    let no_token = raw_call(env.addr, None, frame(&[])).await;
+    assert_eq!(no_token.code(), Code::Unauthenticated, "{no_token:?}");
+    assert_eq!(error_reason(&no_token), "MISSING_CREDENTIALS");
+    let with_token = raw_call(env.addr, Some("the-token-value"), frame(&[])).await;
+    assert_eq!(with_token.code(), Code::ResourceExhausted, "{with_token:?}");
+    assert_eq!(error_reason(&with_token), "TOO_MANY_REQUESTS");
+    let m = env.metrics().await;
+    assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 2.0, "{m}");
+}

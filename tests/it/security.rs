@@ -213,6 +213,28 @@ async fn bearer_tokens_guard_the_connector_but_not_health_or_reflection() {
     })
     .await
     .unwrap();
+    use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1::{
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+        ServerReflectionRequest,
+    };
+    let req = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut answers = ServerReflectionClient::new(env.channel.clone())
+        .server_reflection_info(tokio_stream::iter([req]))
+        .await
+        .unwrap()
+        .into_inner();
+    let answer = answers.message().await.unwrap().unwrap();
+    assert!(
+        matches!(
+            answer.message_response,
+            Some(MessageResponse::ListServicesResponse(_))
+        ),
+        "{answer:?}"
+    );
 }
 
 #[tokio::test]
