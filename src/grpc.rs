@@ -728,6 +728,78 @@ mod tests {
     }
 
     #[test]
+    fn upstream_errors_map_by_kind_through_a_shared_redemption() {
+        let shared = |e: Error| Error::Shared(Arc::new(e));
+        let s = into_status(&shared(Error::Upstream(UpstreamError::RateLimited {
+            endpoint: "/site/oauth2/access_token",
+            retry_after: Duration::from_millis(2500),
+        })));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "bitbucket: /site/oauth2/access_token: rate limited by Bitbucket; retry in 3s"
+        );
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "UPSTREAM_RATE_LIMITED");
+        assert_eq!(
+            info.metadata.get("retry_after_seconds").map(String::as_str),
+            Some("3")
+        );
+        let s = into_status(&shared(Error::TokenRevoked(connector::Revoked::Upstream(
+            UpstreamError::GrantRejected {
+                error: "invalid_grant".into(),
+                description: None,
+            },
+        ))));
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "TOKEN_REVOKED");
+        for (e, code, reason) in [
+            (
+                UpstreamError::Status {
+                    endpoint: "/2.0/user",
+                    status: 503,
+                },
+                Code::Unavailable,
+                "UPSTREAM_UNAVAILABLE",
+            ),
+            (
+                UpstreamError::Denied {
+                    endpoint: "/2.0/user/emails",
+                    status: 404,
+                },
+                Code::FailedPrecondition,
+                "UPSTREAM_FORBIDDEN",
+            ),
+            (
+                UpstreamError::Unauthorized {
+                    endpoint: "/2.0/user",
+                },
+                Code::Unauthenticated,
+                "UPSTREAM_UNAUTHENTICATED",
+            ),
+            (
+                UpstreamError::DeadlineExceeded {
+                    endpoint: "/2.0/user",
+                },
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+            ),
+            (
+                UpstreamError::Invalid {
+                    endpoint: "/2.0/user",
+                    detail: "unparseable JSON".into(),
+                },
+                Code::Internal,
+                "UPSTREAM_INVALID",
+            ),
+        ] {
+            let s = into_status(&Error::Upstream(e));
+            assert_eq!(s.code(), code, "{reason}");
+            assert_eq!(s.get_details_error_info().unwrap().reason, reason);
+        }
+    }
+
+    #[test]
     fn identity_debug_hides_connector_data() {
         let i = pb::Identity {
             connector_data: b"{\"accessToken\":\"secret\"}".to_vec(),
