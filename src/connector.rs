@@ -226,12 +226,12 @@ pub struct GroupOwner {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Access<T> {
     Read(T),
-    Denied(Reason),
+    Denied(Denial),
 }
 
 /// Why Bitbucket refused to show something.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub enum Reason {
+pub enum Denial {
     /// The credential was not accepted (a wrong `teamGroupsAuth`).
     Unauthorized,
     Forbidden,
@@ -962,7 +962,7 @@ impl<B: Bitbucket> Connector<B> {
             }
             // API 1.0 lists a workspace's groups to its admins only, and
             // `administrator` already says the user is none: not asked.
-            None if !access.administrator => GroupsOutcome::Unreadable(Reason::Forbidden),
+            None if !access.administrator => GroupsOutcome::Unreadable(Denial::Forbidden),
             None => {
                 self.read_groups(as_user, Caller::User(token), deadline)
                     .await?
@@ -1200,18 +1200,18 @@ enum GroupsKind {
 enum GroupsOutcome {
     Read(Arc<Vec<Group>>),
     /// A refused teamGroupsAuth, 403, 404 or 410.
-    Unreadable(Reason),
+    Unreadable(Denial),
     /// teamGroups: the listed groups the user is in.
     Members(Arc<Vec<TeamGroup>>),
 }
 
 /// The `team_groups_degraded_total` reason of an unreadable group list.
-fn degraded_reason(reason: Reason) -> metrics::Reason {
+fn degraded_reason(reason: Denial) -> metrics::Reason {
     match reason {
-        Reason::Unauthorized => metrics::Reason::unauthorized,
-        Reason::Forbidden => metrics::Reason::forbidden,
-        Reason::NotFound => metrics::Reason::not_found,
-        Reason::Gone => metrics::Reason::gone,
+        Denial::Unauthorized => metrics::Reason::unauthorized,
+        Denial::Forbidden => metrics::Reason::forbidden,
+        Denial::NotFound => metrics::Reason::not_found,
+        Denial::Gone => metrics::Reason::gone,
     }
 }
 

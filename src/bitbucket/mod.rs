@@ -2,7 +2,7 @@
 //!
 //! [`Client`] implements the domain's [`Bitbucket`] trait: it reads the wire
 //! types of [`types`] and answers in the domain's facts ([`User`],
-//! [`WorkspaceAccess`], [`Access::Denied`] with a [`Reason`], an
+//! [`WorkspaceAccess`], [`Access::Denied`] with a [`Denial`], an
 //! [`UpstreamError`] naming the endpoint template and status). Which HTTP
 //! status or OAuth error string means what is decided here, and only here.
 //! Base URLs are injected (config), never hard-coded here. Pagination follows
@@ -27,7 +27,7 @@ use self::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess, ApiWorkspaceP
 use crate::config::{ConnectorConfig, TeamGroup};
 pub use crate::connector::{retry_after_seconds, Grant, UpstreamError};
 use crate::connector::{
-    Access, Bitbucket, Caller, Email, Group, GroupOwner, Reason, User, WorkspaceAccess,
+    Access, Bitbucket, Caller, Denial, Email, Group, GroupOwner, User, WorkspaceAccess,
 };
 use crate::metrics::Metrics;
 use crate::secret::Secret;
@@ -316,7 +316,7 @@ impl Bitbucket for Client {
                 let p: ApiWorkspacePermission = decode(EP_PERMISSION, &resp)?;
                 Ok(Access::Read(p.permission))
             }
-            Err(UpstreamError::Denied { status, .. }) => Ok(Access::Denied(reason(status))),
+            Err(UpstreamError::Denied { status, .. }) => Ok(Access::Denied(denial(status))),
             Err(e) => Err(e),
         }
     }
@@ -338,8 +338,8 @@ impl Bitbucket for Client {
         };
         match self.groups(auth, workspace, deadline).await {
             Ok(g) => Ok(Access::Read(g.into_iter().map(group).collect())),
-            Err(UpstreamError::Denied { status, .. }) => Ok(Access::Denied(reason(status))),
-            Err(UpstreamError::Unauthorized { .. }) => Ok(Access::Denied(Reason::Unauthorized)),
+            Err(UpstreamError::Denied { status, .. }) => Ok(Access::Denied(denial(status))),
+            Err(UpstreamError::Unauthorized { .. }) => Ok(Access::Denied(Denial::Unauthorized)),
             Err(e) => Err(e),
         }
     }
@@ -375,11 +375,11 @@ impl Bitbucket for Client {
 }
 
 /// What a 403, 404 or 410 says.
-fn reason(status: u16) -> Reason {
+fn denial(status: u16) -> Denial {
     match status {
-        404 => Reason::NotFound,
-        410 => Reason::Gone,
-        _ => Reason::Forbidden,
+        404 => Denial::NotFound,
+        410 => Denial::Gone,
+        _ => Denial::Forbidden,
     }
 }
 

@@ -161,7 +161,7 @@ impl Bitbucket for Double {
             .permissions
             .get(workspace)
             .cloned()
-            .unwrap_or(Access::Denied(Reason::NotFound)))
+            .unwrap_or(Access::Denied(Denial::NotFound)))
     }
 
     async fn group_list(
@@ -183,7 +183,7 @@ impl Bitbucket for Double {
         Ok(own
             .or_else(|| up.group_lists.get(workspace))
             .cloned()
-            .unwrap_or(Access::Denied(Reason::NotFound)))
+            .unwrap_or(Access::Denied(Denial::NotFound)))
     }
 
     async fn group_membership(
@@ -648,14 +648,14 @@ async fn unreadable_group_lists_leave_that_workspaces_groups_out_and_count() {
     };
     let mut up = upstream();
     up.group_lists
-        .insert("alpha".into(), Access::Denied(Reason::Unauthorized));
+        .insert("alpha".into(), Access::Denied(Denial::Unauthorized));
     up.user_group_lists
         .insert("alpha".into(), Access::Read(vec![group("devs", &[ALICE])]));
     up.group_lists
-        .insert("beta".into(), Access::Denied(Reason::Forbidden));
+        .insert("beta".into(), Access::Denied(Denial::Forbidden));
     up.workspaces.push(ws("gamma", "{C3}", true));
     up.user_group_lists
-        .insert("gamma".into(), Access::Denied(Reason::Gone));
+        .insert("gamma".into(), Access::Denied(Denial::Gone));
     let w = World::new(cfg, up);
     assert_eq!(
         w.login(GROUPS).await.unwrap().groups,
@@ -678,7 +678,7 @@ async fn unreadable_group_lists_leave_that_workspaces_groups_out_and_count() {
     // The refused credential alone, for a workspace alice does not administer.
     let mut up = upstream();
     up.group_lists
-        .insert("beta".into(), Access::Denied(Reason::Unauthorized));
+        .insert("beta".into(), Access::Denied(Denial::Unauthorized));
     let w = World::new(
         ConnectorConfig {
             teams: vec!["beta".into()],
