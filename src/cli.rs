@@ -9,9 +9,9 @@ use std::process::ExitCode;
 #[cfg(feature = "demo")]
 use fake_bitbucket::{FakeBitbucket, Fixture};
 
-use crate::config::{Config, ConfigErrors, LogFormat};
 #[cfg(feature = "demo")]
 use crate::config::{BasicAuth, ConnectorConfig, DataKey};
+use crate::config::{Config, ConfigErrors, LogFormat};
 #[cfg(feature = "demo")]
 use crate::secret::Secret;
 use crate::server::{self, App, Listener};

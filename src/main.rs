@@ -81,8 +81,8 @@ fn main() -> ExitCode {
             &login_as,
         )),
         #[cfg(feature = "demo")]
-        Command::FakeBitbucket(args) => bitbucket_connector::cli::exit(
-            fake_bitbucket::serve_standalone(args),
-        ),
+        Command::FakeBitbucket(args) => {
+            bitbucket_connector::cli::exit(fake_bitbucket::serve_standalone(args))
+        }
     }
 }
