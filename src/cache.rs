@@ -12,11 +12,12 @@
 use std::hash::Hash;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::connector::{Clock, SystemClock};
 use crate::metrics::{Cache, CacheResult, Metrics};
 use crate::secret::Secret;
 
@@ -191,10 +192,15 @@ impl Weigh for bool {
 }
 
 /// A TTL cache with hit/miss/error metrics under `name`.
+///
+/// An in-process entry is stamped with its [`Clock`]'s time and is a miss
+/// once the TTL has passed on that clock (so tests move time by hand); moka's
+/// own TTL, on the monotonic clock, still evicts it.
 pub struct TtlCache<K, V> {
     name: Cache,
     ttl: Duration,
-    inner: Option<moka::sync::Cache<K, V>>,
+    inner: Option<moka::sync::Cache<K, (V, SystemTime)>>,
+    clock: Arc<dyn Clock>,
     /// Redis, and this cache's key prefix there (`bbc:{connector}:{name}:`).
     shared: Option<(Arc<SharedCache>, String)>,
     metrics: Metrics,
@@ -209,6 +215,12 @@ where
     pub fn shared(mut self, shared: Option<Arc<SharedCache>>, connector_id: &str) -> Self {
         let name: &str = self.name.into();
         self.shared = shared.map(|s| (s, format!("bbc:{connector_id}:{name}:")));
+        self
+    }
+
+    /// Reads entry ages from `clock` instead of the wall clock.
+    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+        self.clock = clock;
         self
     }
 
@@ -230,7 +242,7 @@ where
             moka::sync::Cache::builder()
                 .time_to_live(ttl)
                 .max_capacity(max_bytes)
-                .weigher(move |k: &K, v: &V| {
+                .weigher(move |k: &K, (v, _): &(V, SystemTime)| {
                     let w = (k.weigh() + v.weigh() + ENTRY_OVERHEAD) as u64;
                     u32::try_from(w.max(floor)).unwrap_or(u32::MAX)
                 })
@@ -240,6 +252,7 @@ where
             name,
             ttl,
             inner,
+            clock: Arc::new(SystemClock),
             shared: None,
             metrics,
         }
@@ -262,7 +275,14 @@ where
                 Err(()) => self.metrics.cache(self.name, CacheResult::error),
             }
         }
-        let hit = inner.get(key);
+        let hit = inner.get(key).and_then(|(v, at)| {
+            let now = self.clock.now();
+            if now.duration_since(at).is_ok_and(|age| age >= self.ttl) {
+                inner.invalidate(key);
+                return None;
+            }
+            Some(v)
+        });
         self.metrics.cache(self.name, CacheResult::of(&hit));
         hit
     }
@@ -279,7 +299,7 @@ where
                 }
             }
         }
-        inner.insert(key, value);
+        inner.insert(key, (value, self.clock.now()));
     }
 
     pub fn invalidate(&self, key: &K) {

@@ -1,10 +1,16 @@
 //! The domain: where a Bitbucket user becomes an identity.
 //!
 //! dex's connector contract (`connector/connector.go`) in Rust: login URL,
-//! callback, refresh. No gRPC and no HTTP types here; Bitbucket is reached
-//! through [`crate::bitbucket::Client`], the host through [`crate::grpc`].
+//! callback, refresh. No gRPC and no HTTP types here. Bitbucket is reached
+//! through the [`Bitbucket`] trait, which this module defines in the facts it
+//! needs ([`User`], [`WorkspaceAccess`], [`Access::Denied`], [`UpstreamError`],
+//! ...) and `crate::bitbucket::Client` implements over HTTP; time is read from
+//! an injected [`Clock`]. What is left here are the rules: the teams
+//! whitelist, group order, permissions, caches, refresh decisions, sealing.
+//! Errors become gRPC statuses in [`crate::grpc`], and only there.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -12,11 +18,9 @@ use futures_util::stream::{self, StreamExt as _};
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
-use crate::bitbucket::types::{ApiEmail, ApiGroup, ApiGroupMember, ApiUser, ApiWorkspaceAccess};
-use crate::bitbucket::{self, Auth, Grant, UpstreamError};
 use crate::cache::{SharedCache, SharedKey, TtlCache, Weigh};
-use crate::config::{ConnectorConfig, TeamGroup};
-use crate::metrics::{Cache, Metrics, Outcome, Reason};
+use crate::config::{BasicAuth, ConnectorConfig, TeamGroup};
+use crate::metrics::{self, Cache, Metrics, Outcome};
 use crate::sealing::{OpenError, Origin, Sealer, Tokens};
 use crate::secret::Secret;
 
@@ -62,9 +66,259 @@ impl std::fmt::Debug for Identity {
     }
 }
 
+/// Where the domain reads the time: the wall clock in service, a hand-moved
+/// one in tests (token expiry, cache TTLs).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> SystemTime;
+}
+
+/// The wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
+
+/// Bitbucket Cloud as the rules need it, for one OAuth consumer. Implemented
+/// over HTTP by `crate::bitbucket::Client`, in memory by the unit tests.
+/// Every call gives up at `deadline`. A refusal that a login goes on without
+/// (a workspace's permission or groups not readable) is an [`Access::Denied`],
+/// not an error.
+pub trait Bitbucket: Send + Sync + 'static {
+    /// `group=` filters that [`Bitbucket::group_membership`] takes at once.
+    const MAX_GROUP_FILTERS: usize;
+
+    /// The authorize URL for `state` (`client_id`, `response_type=code`).
+    fn authorize_url(&self, state: &str) -> String;
+
+    /// Redeems an authorization code; never retried once Bitbucket answered.
+    fn exchange_code(
+        &self,
+        code: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Grant, UpstreamError>> + Send;
+
+    /// Redeems a refresh token; Bitbucket answers with a new one.
+    fn redeem_refresh_token(
+        &self,
+        refresh_token: &Secret,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Grant, UpstreamError>> + Send;
+
+    /// The token's user; the uuid is never empty.
+    fn user(
+        &self,
+        token: &Secret,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<User, UpstreamError>> + Send;
+
+    fn emails(
+        &self,
+        token: &Secret,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<Email>, UpstreamError>> + Send;
+
+    /// The user's workspaces, in Bitbucket's order.
+    fn workspaces(
+        &self,
+        token: &Secret,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<WorkspaceAccess>, UpstreamError>> + Send;
+
+    /// The user's permission in a workspace (`owner`, `member`, ...).
+    fn permission(
+        &self,
+        token: &Secret,
+        workspace: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Access<String>, UpstreamError>> + Send;
+
+    /// A workspace's groups with their members (API 1.0: workspace admins only).
+    fn group_list(
+        &self,
+        caller: Caller<'_>,
+        workspace: &str,
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Access<Vec<Group>>, UpstreamError>> + Send;
+
+    /// The groups among `wanted` that the token's user may see (a shared
+    /// workspace's group: only its members), at most
+    /// [`Bitbucket::MAX_GROUP_FILTERS`] of them.
+    fn group_membership(
+        &self,
+        token: &Secret,
+        wanted: &[TeamGroup],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<Group>, UpstreamError>> + Send;
+}
+
+/// Who reads a workspace's groups.
+#[derive(Clone, Copy)]
+pub enum Caller<'a> {
+    /// The user, with their access token.
+    User(&'a Secret),
+    /// The `teamGroupsAuth` credential.
+    Admin(&'a BasicAuth),
+}
+
+/// Tokens from the token endpoint.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Grant {
+    pub access_token: Secret,
+    pub refresh_token: Option<Secret>,
+    pub expires_in: Option<Duration>,
+}
+
+impl std::fmt::Debug for Grant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Grant")
+            .field("access_token", &self.access_token)
+            .field("refresh_token", &self.refresh_token)
+            .field("expires_in", &self.expires_in)
+            .finish()
+    }
+}
+
+/// A Bitbucket user (only what an identity needs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct User {
+    pub uuid: String,
+    pub username: Option<String>,
+    pub nickname: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Email {
+    pub address: String,
+    pub primary: bool,
+    pub confirmed: bool,
+}
+
+/// One of the user's workspaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkspaceAccess {
+    pub slug: String,
+    pub uuid: Option<String>,
+    /// The user administers it (and so owns it).
+    pub administrator: bool,
+}
+
+/// A workspace group and the uuids of its members.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Group {
+    pub slug: String,
+    pub members: Vec<String>,
+    /// The workspace that owns it, when Bitbucket says.
+    pub owner: Option<GroupOwner>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupOwner {
+    pub uuid: Option<String>,
+    pub username: Option<String>,
+    pub nickname: Option<String>,
+}
+
+/// What a read that may be refused gave.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Access<T> {
+    Read(T),
+    Denied(Denial),
+}
+
+/// Why Bitbucket refused to show something.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum Denial {
+    /// The credential was not accepted (a wrong `teamGroupsAuth`).
+    Unauthorized,
+    Forbidden,
+    NotFound,
+    Gone,
+}
+
+/// Why a request to Bitbucket did not give a usable answer. Messages name the
+/// endpoint template, never a URL, a token or a body.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("{endpoint}: {detail}")]
+    Connect {
+        endpoint: &'static str,
+        detail: String,
+    },
+    #[error("{endpoint}: {detail}")]
+    Transport {
+        endpoint: &'static str,
+        detail: String,
+    },
+    #[error("{endpoint}: no answer within {after:?}")]
+    Timeout {
+        endpoint: &'static str,
+        after: Duration,
+    },
+    #[error("{endpoint}: HTTP {status}")]
+    Status { endpoint: &'static str, status: u16 },
+    #[error("{endpoint}: {detail}")]
+    Unavailable {
+        endpoint: &'static str,
+        detail: String,
+    },
+    #[error("{endpoint}: the caller's deadline passed")]
+    DeadlineExceeded { endpoint: &'static str },
+    #[error("{endpoint}: {detail}")]
+    Invalid {
+        endpoint: &'static str,
+        detail: String,
+    },
+    /// Bitbucket answered 429, or this resource's breaker is open.
+    #[error("{endpoint}: rate limited by Bitbucket; retry in {}s", retry_after_seconds(*retry_after))]
+    RateLimited {
+        endpoint: &'static str,
+        retry_after: Duration,
+    },
+    /// The access token was not accepted (401).
+    #[error("{endpoint}: HTTP 401 (token not accepted)")]
+    Unauthorized { endpoint: &'static str },
+    /// 403, 404 or 410 where the answer is needed.
+    #[error("{endpoint}: HTTP {status}")]
+    Denied { endpoint: &'static str, status: u16 },
+    /// The token endpoint refused the OAuth consumer itself
+    /// (`invalid_client`, `unauthorized_client`).
+    #[error("token endpoint: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    ClientRejected {
+        error: String,
+        description: Option<String>,
+    },
+    /// The token endpoint refused the code or refresh token (`invalid_grant`, ...).
+    #[error("token endpoint: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
+    GrantRejected {
+        error: String,
+        description: Option<String>,
+    },
+}
+
+impl UpstreamError {
+    /// The token endpoint refused the consumer or the grant (an OAuth error).
+    pub fn rejected(&self) -> bool {
+        matches!(
+            self,
+            UpstreamError::ClientRejected { .. } | UpstreamError::GrantRejected { .. }
+        )
+    }
+}
+
+/// Whole seconds, rounded up, at least 1: what `retry_after_seconds` says.
+pub fn retry_after_seconds(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
+}
+
 /// Every way a login or refresh can fail that a host may act on. Mapped to
 /// gRPC status codes and ErrorInfo reasons in `grpc.rs`, and only there.
-#[derive(Debug, Clone, thiserror::Error)]
+/// Upstream failures keep their facts (endpoint template, HTTP status,
+/// retry-after) as an [`UpstreamError`].
+#[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("unknown connector_id {0:?}")]
     UnknownConnector(String),
@@ -86,13 +340,11 @@ pub enum Error {
         description: Option<String>,
     },
     #[error("bitbucket: the authorization code was rejected: {0}")]
-    CodeRejected(String),
+    CodeRejected(UpstreamError),
     #[error("bitbucket: the OAuth consumer's credentials were rejected: {0}")]
-    ClientRejected(String),
+    ClientRejected(UpstreamError),
     #[error("bitbucket: the user's grant is no longer valid ({0}); the user must log in again")]
-    TokenRevoked(String),
-    #[error("bitbucket: the access token was not accepted ({0})")]
-    Unauthenticated(String),
+    TokenRevoked(Revoked),
     #[error("bitbucket: user has no confirmed, primary email")]
     NoVerifiedEmail,
     #[error("bitbucket: user {username:?} is not in any of the required teams")]
@@ -101,55 +353,64 @@ pub enum Error {
     UserChanged { expected: String, actual: String },
     #[error("connector_data is not usable: {0}")]
     BadConnectorData(#[from] OpenError),
-    #[error("bitbucket: {0}")]
-    Unavailable(String),
-    /// Bitbucket's rate limit: a 429, or the resource's breaker still open.
-    #[error("bitbucket: {message}")]
-    RateLimited {
-        message: String,
-        retry_after_seconds: u64,
-    },
-    #[error("bitbucket: {0}")]
-    UpstreamInvalid(String),
-    #[error("bitbucket: {0}")]
-    UpstreamForbidden(String),
+    /// Any other upstream failure: unavailable, rate limited, invalid,
+    /// forbidden, a token not accepted, the deadline passed.
+    #[error("{}", upstream_message(.0))]
+    Upstream(UpstreamError),
     #[error("deadline exceeded ({0})")]
     DeadlineExceeded(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// The outcome of a refresh token redemption that several calls shared.
+    #[error(transparent)]
+    Shared(Arc<Error>),
+}
+
+/// Why a grant is no longer usable.
+#[derive(Debug, thiserror::Error)]
+pub enum Revoked {
+    #[error("{0}")]
+    Upstream(UpstreamError),
+    #[error("the access token expired and there is no refresh token")]
+    NoRefreshToken,
+}
+
+fn upstream_message(e: &UpstreamError) -> String {
+    match e {
+        UpstreamError::DeadlineExceeded { .. } => format!("deadline exceeded ({e})"),
+        UpstreamError::Unauthorized { .. } => {
+            format!("bitbucket: the access token was not accepted ({e})")
+        }
+        e => format!("bitbucket: {e}"),
+    }
 }
 
 impl From<UpstreamError> for Error {
     fn from(e: UpstreamError) -> Error {
-        let msg = e.to_string();
         match e {
-            UpstreamError::Connect { .. }
-            | UpstreamError::Transport { .. }
-            | UpstreamError::Timeout { .. }
-            | UpstreamError::Status { .. }
-            | UpstreamError::Unavailable { .. } => Error::Unavailable(msg),
-            UpstreamError::DeadlineExceeded { .. } => Error::DeadlineExceeded(msg),
-            UpstreamError::RateLimited { retry_after, .. } => Error::RateLimited {
-                message: msg,
-                retry_after_seconds: bitbucket::retry_after_seconds(retry_after),
-            },
-            UpstreamError::Invalid { .. } => Error::UpstreamInvalid(msg),
-            UpstreamError::Unauthorized { .. } => Error::Unauthenticated(msg),
-            UpstreamError::Denied { .. } => Error::UpstreamForbidden(msg),
-            UpstreamError::Rejected { ref error, .. }
-                if error == "invalid_client" || error == "unauthorized_client" =>
-            {
-                Error::ClientRejected(msg)
-            }
-            UpstreamError::Rejected { .. } => Error::CodeRejected(msg),
+            e @ UpstreamError::ClientRejected { .. } => Error::ClientRejected(e),
+            e @ UpstreamError::GrantRejected { .. } => Error::CodeRejected(e),
+            e => Error::Upstream(e),
         }
     }
 }
 
-/// One configured `bitbucket-cloud` connector.
-pub struct Connector {
+impl Error {
+    /// The error itself, looking through a shared redemption's.
+    pub fn unshared(&self) -> &Error {
+        match self {
+            Error::Shared(e) => e.unshared(),
+            e => e,
+        }
+    }
+}
+
+/// One configured `bitbucket-cloud` connector, over the Bitbucket `B`
+/// (HTTP in service, in memory in unit tests).
+pub struct Connector<B = crate::bitbucket::Client> {
     cfg: ConnectorConfig,
-    client: bitbucket::Client,
+    bitbucket: B,
+    clock: Arc<dyn Clock>,
     sealer: Arc<Sealer>,
     metrics: Metrics,
     groups_cache: TtlCache<GroupsKey, GroupsOutcome>,
@@ -159,7 +420,7 @@ pub struct Connector {
     warned_workspaces: Mutex<HashSet<String>>,
 }
 
-impl std::fmt::Debug for Connector {
+impl<B> std::fmt::Debug for Connector<B> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Connector")
             .field("id", &self.cfg.id)
@@ -167,51 +428,39 @@ impl std::fmt::Debug for Connector {
     }
 }
 
-impl Connector {
+impl<B: Bitbucket> Connector<B> {
+    /// `bitbucket` is the client for this connector's OAuth consumer and
+    /// endpoints; every time the rules read comes from `clock`.
     pub fn new(
         cfg: ConnectorConfig,
+        bitbucket: B,
+        clock: Arc<dyn Clock>,
         sealer: Arc<Sealer>,
         metrics: Metrics,
-        http: bitbucket::HttpOptions,
         shared: Option<Arc<SharedCache>>,
-    ) -> Result<Connector, String> {
-        let endpoints = bitbucket::Endpoints {
-            auth_url: cfg.auth_url.clone(),
-            token_url: cfg.token_url.clone(),
-            api_url: cfg.api_url.clone(),
-            legacy_api_url: cfg.legacy_api_url.clone(),
-        };
-        let http = bitbucket::HttpOptions {
-            attempt_timeout: cfg.upstream_timeout,
-            max_in_flight: cfg.upstream_max_in_flight,
-            rate_limit_backoff: cfg.rate_limit_backoff,
-            ..http
-        };
-        let client = bitbucket::Client::new(
-            &endpoints,
-            &cfg.client_id,
-            &cfg.client_secret,
-            metrics.clone(),
-            http,
-        )?;
-        Ok(Connector {
+    ) -> Connector<B> {
+        Connector {
             groups_cache: TtlCache::new(Cache::groups, cfg.team_groups_cache_ttl, metrics.clone())
-                .shared(shared.clone(), &cfg.id),
+                .shared(shared.clone(), &cfg.id)
+                .clock(clock.clone()),
             permission_cache: TtlCache::new(
                 Cache::permission,
                 cfg.permission_cache_ttl,
                 metrics.clone(),
             )
-            .shared(shared.clone(), &cfg.id),
+            .shared(shared.clone(), &cfg.id)
+            .clock(clock.clone()),
             refresh_cache: TtlCache::new(Cache::refresh, cfg.refresh_cache_ttl, metrics.clone())
-                .shared(shared, &cfg.id),
+                .shared(shared, &cfg.id)
+                .clock(clock.clone()),
             cfg,
-            client,
+            bitbucket,
+            clock,
             sealer,
             metrics,
             redemptions: Redemptions::default(),
             warned_workspaces: Mutex::new(HashSet::new()),
-        })
+        }
     }
 
     pub fn id(&self) -> &str {
@@ -230,7 +479,7 @@ impl Connector {
                 configured: self.cfg.redirect_uri.clone(),
             });
         }
-        Ok(self.client.authorize_url(state).into())
+        Ok(self.bitbucket.authorize_url(state))
     }
 
     /// dex's `HandleCallback`.
@@ -241,14 +490,14 @@ impl Connector {
         deadline: Instant,
     ) -> Result<Identity, Error> {
         let code = parse_callback(raw_query)?;
-        let grant = self.client.exchange_code(&code, deadline).await?;
+        let grant = self.bitbucket.exchange_code(&code, deadline).await?;
         let user = self
             .fetch_identity(&grant.access_token, scopes, deadline)
             .await?;
         let mut identity = user.identity;
         self.remember(scopes, &identity).await;
         if scopes.offline_access {
-            let tokens = tokens_from_grant(&grant, None, &identity.user_id);
+            let tokens = tokens_from_grant(&grant, None, &identity.user_id, self.clock.now());
             identity.connector_data = Some(self.seal(&tokens)?);
         }
         Ok(identity)
@@ -279,7 +528,7 @@ impl Connector {
         // refreshCacheTTL: an identity computed within the window, while the
         // sealed access token is still usable, is answered without Bitbucket.
         let cached = match &tokens.user_uuid {
-            Some(u) if usable(tokens.expiry, SystemTime::now()) => {
+            Some(u) if usable(tokens.expiry, self.clock.now()) => {
                 self.refresh_cache.get(&self.refresh_key(scopes, u)).await
             }
             _ => None,
@@ -298,7 +547,7 @@ impl Connector {
 
         let mut current = tokens.clone();
         let mut redeemed = false;
-        if !usable(current.expiry, SystemTime::now()) {
+        if !usable(current.expiry, self.clock.now()) {
             current = self.redeem(&tokens, deadline).await?;
             redeemed = true;
         }
@@ -308,17 +557,13 @@ impl Connector {
         {
             // A reused access token may die before its expiry (revoked,
             // rotated elsewhere): the refresh token decides.
-            Err(Error::Unauthenticated(_)) if !redeemed => {
+            Err(Error::Upstream(UpstreamError::Unauthorized { .. })) if !redeemed => {
                 current = self.redeem(&tokens, deadline).await?;
                 self.fetch_identity(&current.access_token, scopes, deadline)
                     .await
-                    .map_err(|e| match e {
-                        Error::Unauthenticated(m) => Error::TokenRevoked(m),
-                        e => e,
-                    })
+                    .map_err(revoked_if_unauthorized)
             }
-            Err(Error::Unauthenticated(m)) => Err(Error::TokenRevoked(m)),
-            other => other,
+            other => other.map_err(revoked_if_unauthorized),
         }?;
 
         let mut identity = fetched.identity;
@@ -374,9 +619,7 @@ impl Connector {
     /// Redeems the refresh token, once for all concurrent callers holding it.
     async fn redeem(&self, tokens: &Tokens, deadline: Instant) -> Result<Tokens, Error> {
         let Some(rt) = tokens.refresh_token.clone() else {
-            return Err(Error::TokenRevoked(
-                "the access token expired and there is no refresh token".into(),
-            ));
+            return Err(Error::TokenRevoked(Revoked::NoRefreshToken));
         };
         let (cell, leader) = self.redemptions.join(&rt);
         if !leader {
@@ -384,19 +627,21 @@ impl Connector {
         }
         // A joiner waits at most until its own deadline.
         let shared = cell.get_or_init(|| async {
-            let r = self.client.refresh(&rt, deadline).await;
+            let r = self.bitbucket.redeem_refresh_token(&rt, deadline).await;
             self.metrics.redemption(match &r {
                 Ok(_) => Outcome::ok,
-                Err(UpstreamError::Rejected { .. }) => Outcome::revoked,
+                Err(e) if e.rejected() => Outcome::revoked,
                 Err(_) => Outcome::error,
             });
-            r.map_err(|e| match e {
-                UpstreamError::Rejected { .. } => Error::TokenRevoked(e.to_string()),
-                e => Error::from(e),
+            r.map_err(|e| {
+                Arc::new(match e {
+                    e if e.rejected() => Error::TokenRevoked(Revoked::Upstream(e)),
+                    e => Error::Upstream(e),
+                })
             })
         });
         let result = match tokio::time::timeout_at(deadline, shared).await {
-            Ok(r) => r.clone(),
+            Ok(r) => r.clone().map_err(Error::Shared),
             Err(_) => Err(Error::DeadlineExceeded(
                 "waiting for a shared refresh token redemption".into(),
             )),
@@ -409,6 +654,7 @@ impl Connector {
             &grant,
             Some(&rt),
             tokens.user_uuid.as_deref().unwrap_or_default(),
+            self.clock.now(),
         ))
     }
 
@@ -420,16 +666,21 @@ impl Connector {
     ) -> Result<Fetched, Error> {
         let groups_needed = self.groups_needed(scopes);
         let (user, emails, workspaces) = tokio::try_join!(
-            async { self.client.user(token, deadline).await.map_err(Error::from) },
             async {
-                self.client
+                self.bitbucket
+                    .user(token, deadline)
+                    .await
+                    .map_err(Error::from)
+            },
+            async {
+                self.bitbucket
                     .emails(token, deadline)
                     .await
                     .map_err(Error::from)
             },
             async {
                 if groups_needed {
-                    self.client
+                    self.bitbucket
                         .workspaces(token, deadline)
                         .await
                         .map(Some)
@@ -465,12 +716,12 @@ impl Connector {
     async fn groups(
         &self,
         token: &Secret,
-        user: &ApiUser,
+        user: &User,
         username: &str,
-        workspaces: Vec<ApiWorkspaceAccess>,
+        workspaces: Vec<WorkspaceAccess>,
         deadline: Instant,
     ) -> Result<Vec<String>, Error> {
-        let kept: Vec<ApiWorkspaceAccess> = workspaces
+        let kept: Vec<WorkspaceAccess> = workspaces
             .into_iter()
             .filter(|w| {
                 self.cfg.teams.is_empty() || self.cfg.teams.iter().any(|t| team_matches(t, w))
@@ -482,11 +733,11 @@ impl Connector {
             });
         }
         for w in &kept {
-            if !valid_slug(&w.workspace.slug) {
-                return Err(Error::UpstreamInvalid(format!(
-                    "{}: a workspace slug is not a valid slug",
-                    bitbucket::EP_WORKSPACES
-                )));
+            if !valid_slug(&w.slug) {
+                return Err(Error::Upstream(UpstreamError::Invalid {
+                    endpoint: crate::bitbucket::EP_WORKSPACES,
+                    detail: "a workspace slug is not a valid slug".into(),
+                }));
             }
         }
         let members = if self.cfg.team_groups.is_empty() {
@@ -519,14 +770,12 @@ impl Connector {
         };
         if let Some(members) = members {
             for (w, d) in kept.iter().zip(details.iter_mut()) {
-                let mine: Vec<ApiGroup> = members
+                let mine: Vec<Group> = members
                     .iter()
-                    .filter(|g| g.workspace.eq_ignore_ascii_case(&w.workspace.slug))
-                    .map(|g| ApiGroup {
+                    .filter(|g| g.workspace.eq_ignore_ascii_case(&w.slug))
+                    .map(|g| Group {
                         slug: g.group.clone(),
-                        members: vec![ApiGroupMember {
-                            uuid: Some(user.uuid.clone()),
-                        }],
+                        members: vec![user.uuid.clone()],
                         owner: None,
                     })
                     .collect();
@@ -544,7 +793,7 @@ impl Connector {
         &self,
         token: &Secret,
         user_uuid: &str,
-        kept: &[ApiWorkspaceAccess],
+        kept: &[WorkspaceAccess],
         deadline: Instant,
     ) -> Result<Arc<Vec<TeamGroup>>, Error> {
         let wanted: Vec<(TeamGroup, Option<String>)> = self
@@ -553,14 +802,14 @@ impl Connector {
             .iter()
             .filter_map(|tg| {
                 kept.iter()
-                    .find(|w| w.workspace.slug.eq_ignore_ascii_case(&tg.workspace))
+                    .find(|w| w.slug.eq_ignore_ascii_case(&tg.workspace))
                     .map(|w| {
                         (
                             TeamGroup {
-                                workspace: w.workspace.slug.clone(),
+                                workspace: w.slug.clone(),
                                 group: tg.group.clone(),
                             },
-                            w.workspace.uuid.clone(),
+                            w.uuid.clone(),
                         )
                     })
             })
@@ -581,18 +830,14 @@ impl Connector {
             return Ok(hit);
         }
         let mut found = Vec::new();
-        for chunk in wanted.chunks(bitbucket::MAX_GROUP_FILTERS) {
-            let filters: Vec<(&str, &str)> = chunk
-                .iter()
-                .map(|(g, _)| (g.workspace.as_str(), g.group.as_str()))
-                .collect();
-            let visible = self.client.group_filter(token, &filters, deadline).await?;
+        for chunk in wanted.chunks(B::MAX_GROUP_FILTERS.max(1)) {
+            let filters: Vec<TeamGroup> = chunk.iter().map(|(g, _)| g.clone()).collect();
+            let visible = self
+                .bitbucket
+                .group_membership(token, &filters, deadline)
+                .await?;
             for g in visible {
-                if !g
-                    .members
-                    .iter()
-                    .any(|m| m.uuid.as_deref().is_some_and(|u| same_uuid(u, user_uuid)))
-                {
+                if !g.members.iter().any(|m| same_uuid(m, user_uuid)) {
                     continue;
                 }
                 let candidates: Vec<&(TeamGroup, Option<String>)> = chunk
@@ -640,11 +885,11 @@ impl Connector {
         &self,
         token: &Secret,
         user_uuid: &str,
-        access: &ApiWorkspaceAccess,
+        access: &WorkspaceAccess,
         lists: bool,
         deadline: Instant,
     ) -> Result<WorkspaceDetails, Error> {
-        let slug = access.workspace.slug.as_str();
+        let slug = access.slug.as_str();
         let permission = async {
             if !self.cfg.get_workspace_permissions {
                 return Ok(None);
@@ -658,17 +903,16 @@ impl Connector {
             if let Some(hit) = self.permission_cache.get(&key).await {
                 return Ok(hit);
             }
-            let p = match self.client.permission(token, slug, deadline).await {
-                Ok(p) => Some(p),
-                Err(UpstreamError::Denied { status, .. }) => {
+            let p = match self.bitbucket.permission(token, slug, deadline).await? {
+                Access::Read(p) => Some(p),
+                Access::Denied(reason) => {
                     tracing::debug!(
                         workspace = slug,
-                        status,
+                        ?reason,
                         "workspace permission not readable"
                     );
                     None
                 }
-                Err(e) => return Err(Error::from(e)),
             };
             self.permission_cache.put(key, p.clone()).await;
             Ok(p)
@@ -692,10 +936,10 @@ impl Connector {
         &self,
         token: &Secret,
         user_uuid: &str,
-        access: &ApiWorkspaceAccess,
+        access: &WorkspaceAccess,
         deadline: Instant,
-    ) -> Result<Option<Arc<Vec<ApiGroup>>>, Error> {
-        let slug = access.workspace.slug.as_str();
+    ) -> Result<Option<Arc<Vec<Group>>>, Error> {
+        let slug = access.slug.as_str();
         let as_user = GroupsKey {
             slug: slug.to_string(),
             user: Some(normal_uuid(user_uuid)),
@@ -708,13 +952,9 @@ impl Connector {
                     user: None,
                     kind: GroupsKind::List,
                 };
-                let basic = Auth::Basic {
-                    username: &a.username,
-                    password: &a.password,
-                };
-                match self.read_groups(shared, basic, deadline).await? {
-                    GroupsOutcome::Unreadable { .. } if access.administrator => {
-                        self.read_groups(as_user, Auth::Bearer(token), deadline)
+                match self.read_groups(shared, Caller::Admin(a), deadline).await? {
+                    GroupsOutcome::Unreadable(_) if access.administrator => {
+                        self.read_groups(as_user, Caller::User(token), deadline)
                             .await?
                     }
                     outcome => outcome,
@@ -722,17 +962,17 @@ impl Connector {
             }
             // API 1.0 lists a workspace's groups to its admins only, and
             // `administrator` already says the user is none: not asked.
-            None if !access.administrator => GroupsOutcome::Unreadable { status: 403 },
+            None if !access.administrator => GroupsOutcome::Unreadable(Denial::Forbidden),
             None => {
-                self.read_groups(as_user, Auth::Bearer(token), deadline)
+                self.read_groups(as_user, Caller::User(token), deadline)
                     .await?
             }
         };
         match outcome {
             GroupsOutcome::Read(g) => Ok(Some(g)),
             GroupsOutcome::Members(_) => Ok(None),
-            GroupsOutcome::Unreadable { status } => {
-                self.metrics.degraded(degraded_reason(status));
+            GroupsOutcome::Unreadable(reason) => {
+                self.metrics.degraded(degraded_reason(reason));
                 let first = {
                     let mut warned = self
                         .warned_workspaces
@@ -747,7 +987,7 @@ impl Connector {
                     tracing::warn!(
                         connector = %self.cfg.id,
                         workspace = slug,
-                        status,
+                        reason = <&str>::from(degraded_reason(reason)),
                         "workspace groups are not readable (API 1.0 needs a workspace admin: set teamGroupsAuth, and check its credential); logins go on without this workspace's groups"
                     );
                 }
@@ -760,19 +1000,21 @@ impl Connector {
     async fn read_groups(
         &self,
         key: GroupsKey,
-        auth: Auth<'_>,
+        caller: Caller<'_>,
         deadline: Instant,
     ) -> Result<GroupsOutcome, Error> {
         if let Some(hit) = self.groups_cache.get(&key).await {
             return Ok(hit);
         }
-        let outcome = match self.client.groups(auth, &key.slug, deadline).await {
-            Ok(g) => GroupsOutcome::Read(Arc::new(g)),
-            Err(UpstreamError::Denied { status, .. }) => GroupsOutcome::Unreadable { status },
-            // The credential itself was refused (a wrong teamGroupsAuth):
-            // the login goes on without groups rather than failing.
-            Err(UpstreamError::Unauthorized { .. }) => GroupsOutcome::Unreadable { status: 401 },
-            Err(e) => return Err(e.into()),
+        // A refused credential (a wrong teamGroupsAuth) is a refusal too:
+        // the login goes on without groups rather than failing.
+        let outcome = match self
+            .bitbucket
+            .group_list(caller, &key.slug, deadline)
+            .await?
+        {
+            Access::Read(g) => GroupsOutcome::Read(Arc::new(g)),
+            Access::Denied(reason) => GroupsOutcome::Unreadable(reason),
         };
         self.groups_cache.put(key, outcome.clone()).await;
         Ok(outcome)
@@ -785,13 +1027,13 @@ struct Fetched {
 
 struct WorkspaceDetails {
     permission: Option<String>,
-    groups: Option<Arc<Vec<ApiGroup>>>,
+    groups: Option<Arc<Vec<Group>>>,
 }
 
 /// Workspace slugs in upstream order, then `ws/group` for groups that list
 /// the user, then `ws:permission`; no duplicates.
 fn compose_groups(
-    kept: &[ApiWorkspaceAccess],
+    kept: &[WorkspaceAccess],
     details: &[WorkspaceDetails],
     user_uuid: &str,
 ) -> Vec<String> {
@@ -803,37 +1045,30 @@ fn compose_groups(
         }
     };
     for w in kept {
-        push(w.workspace.slug.clone());
+        push(w.slug.clone());
     }
     for (w, d) in kept.iter().zip(details) {
         for g in d.groups.iter().flat_map(|g| g.iter()) {
-            if g.members
-                .iter()
-                .any(|m| m.uuid.as_deref().is_some_and(|u| same_uuid(u, user_uuid)))
-            {
-                push(format!("{}/{}", w.workspace.slug, g.slug));
+            if g.members.iter().any(|m| same_uuid(m, user_uuid)) {
+                push(format!("{}/{}", w.slug, g.slug));
             }
         }
     }
     for (w, d) in kept.iter().zip(details) {
         if let Some(p) = &d.permission {
-            push(format!("{}:{}", w.workspace.slug, p));
+            push(format!("{}:{}", w.slug, p));
         }
     }
     out
 }
 
 /// A `teams` entry matches a workspace by slug, or by uuid (`{...}`).
-fn team_matches(team: &str, w: &ApiWorkspaceAccess) -> bool {
+fn team_matches(team: &str, w: &WorkspaceAccess) -> bool {
     let team = team.trim();
     if team.starts_with('{') {
-        return w
-            .workspace
-            .uuid
-            .as_deref()
-            .is_some_and(|u| same_uuid(u, team));
+        return w.uuid.as_deref().is_some_and(|u| same_uuid(u, team));
     }
-    team.eq_ignore_ascii_case(&w.workspace.slug)
+    team.eq_ignore_ascii_case(&w.slug)
 }
 
 fn same_uuid(a: &str, b: &str) -> bool {
@@ -855,11 +1090,11 @@ fn valid_slug(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '~'))
 }
 
-fn primary_email(emails: &[ApiEmail]) -> Option<String> {
+fn primary_email(emails: &[Email]) -> Option<String> {
     emails
         .iter()
-        .find(|e| e.is_primary && e.is_confirmed && !e.email.trim().is_empty())
-        .map(|e| e.email.clone())
+        .find(|e| e.primary && e.confirmed && !e.address.trim().is_empty())
+        .map(|e| e.address.clone())
 }
 
 /// A token whose expiry is more than [`REFRESH_MARGIN`] away (or never).
@@ -872,7 +1107,22 @@ fn usable(expiry: Option<SystemTime>, now: SystemTime) -> bool {
     }
 }
 
-fn tokens_from_grant(grant: &Grant, previous_refresh: Option<&Secret>, uuid: &str) -> Tokens {
+/// In a refresh, a token that Bitbucket does not accept means the grant is gone.
+fn revoked_if_unauthorized(e: Error) -> Error {
+    match e {
+        Error::Upstream(e @ UpstreamError::Unauthorized { .. }) => {
+            Error::TokenRevoked(Revoked::Upstream(e))
+        }
+        e => e,
+    }
+}
+
+fn tokens_from_grant(
+    grant: &Grant,
+    previous_refresh: Option<&Secret>,
+    uuid: &str,
+    now: SystemTime,
+) -> Tokens {
     Tokens {
         access_token: grant.access_token.clone(),
         // Bitbucket always rotates; keep the old one if it ever does not.
@@ -880,7 +1130,7 @@ fn tokens_from_grant(grant: &Grant, previous_refresh: Option<&Secret>, uuid: &st
             .refresh_token
             .clone()
             .or_else(|| previous_refresh.cloned()),
-        expiry: grant.expires_in.map(|d| SystemTime::now() + d),
+        expiry: grant.expires_in.map(|d| now + d),
         user_uuid: (!uuid.is_empty()).then(|| uuid.to_string()),
     }
 }
@@ -948,22 +1198,20 @@ enum GroupsKind {
 
 #[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 enum GroupsOutcome {
-    Read(Arc<Vec<ApiGroup>>),
-    /// 401 (a refused teamGroupsAuth), 403, 404 or 410.
-    Unreadable {
-        status: u16,
-    },
+    Read(Arc<Vec<Group>>),
+    /// A refused teamGroupsAuth, 403, 404 or 410.
+    Unreadable(Denial),
     /// teamGroups: the listed groups the user is in.
     Members(Arc<Vec<TeamGroup>>),
 }
 
 /// The `team_groups_degraded_total` reason of an unreadable group list.
-fn degraded_reason(status: u16) -> Reason {
-    match status {
-        401 => Reason::unauthorized,
-        403 => Reason::forbidden,
-        404 => Reason::not_found,
-        _ => Reason::gone,
+fn degraded_reason(reason: Denial) -> metrics::Reason {
+    match reason {
+        Denial::Unauthorized => metrics::Reason::unauthorized,
+        Denial::Forbidden => metrics::Reason::forbidden,
+        Denial::NotFound => metrics::Reason::not_found,
+        Denial::Gone => metrics::Reason::gone,
     }
 }
 
@@ -992,11 +1240,9 @@ impl Weigh for GroupsOutcome {
         match self {
             GroupsOutcome::Read(groups) => groups
                 .iter()
-                .map(|g| {
-                    64 + g.slug.len() + g.members.iter().map(|m| 32 + m.uuid.weigh()).sum::<usize>()
-                })
+                .map(|g| 64 + g.slug.len() + g.members.iter().map(|m| 32 + m.len()).sum::<usize>())
                 .sum(),
-            GroupsOutcome::Unreadable { .. } => 0,
+            GroupsOutcome::Unreadable(_) => 0,
             GroupsOutcome::Members(m) => m
                 .iter()
                 .map(|t| 48 + t.workspace.len() + t.group.len())
@@ -1058,7 +1304,7 @@ fn normal_uuid(u: &str) -> String {
         .to_ascii_lowercase()
 }
 
-type Redemption = Arc<OnceCell<Result<Grant, Error>>>;
+type Redemption = Arc<OnceCell<Result<Grant, Arc<Error>>>>;
 
 /// Single flight for refresh tokens: callers that hold the same refresh token
 /// while its redemption is in flight share it, since Bitbucket rotates the
@@ -1121,162 +1367,7 @@ impl Connectors {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::bitbucket::types::{ApiGroupMember, ApiWorkspaceBase};
-
-    fn ws(slug: &str, uuid: &str) -> ApiWorkspaceAccess {
-        ApiWorkspaceAccess {
-            administrator: false,
-            workspace: ApiWorkspaceBase {
-                slug: slug.into(),
-                uuid: Some(uuid.into()),
-            },
-        }
-    }
-
-    fn group(slug: &str, members: &[&str]) -> ApiGroup {
-        ApiGroup {
-            slug: slug.into(),
-            members: members
-                .iter()
-                .map(|u| ApiGroupMember {
-                    uuid: Some(u.to_string()),
-                })
-                .collect(),
-            owner: None,
-        }
-    }
-
-    #[test]
-    fn callback_query_parsing() {
-        assert_eq!(parse_callback("code=abc&state=x").unwrap(), "abc");
-        assert_eq!(parse_callback("?state=x&code=a%2Bb").unwrap(), "a+b");
-        match parse_callback("error=access_denied&error_description=The+user+said+no") {
-            Err(e @ Error::CallbackError { .. }) => {
-                assert_eq!(e.to_string(), "bitbucket: access_denied: The user said no")
-            }
-            other => panic!("{other:?}"),
-        }
-        assert_eq!(
-            parse_callback("error=server_error")
-                .unwrap_err()
-                .to_string(),
-            "bitbucket: server_error"
-        );
-        for bad in ["", "state=x", "code=", "%%%", "code"] {
-            assert!(
-                matches!(parse_callback(bad), Err(Error::MalformedCallback(_))),
-                "{bad:?}"
-            );
-        }
-        assert!(matches!(
-            parse_callback(&format!("code={}", "a".repeat(MAX_RAW_QUERY))),
-            Err(Error::MalformedCallback(_))
-        ));
-    }
-
-    #[test]
-    fn groups_are_ordered_member_only_and_unique() {
-        let me = "{11111111-1111-1111-1111-111111111111}";
-        let kept = vec![ws("alpha", "{a}"), ws("beta", "{b}")];
-        let details = vec![
-            WorkspaceDetails {
-                permission: Some("owner".into()),
-                groups: Some(Arc::new(vec![
-                    group("devs", &[me]),
-                    group("ops", &["{someone-else}"]),
-                    group("admins", &["{11111111-1111-1111-1111-111111111111}"]),
-                ])),
-            },
-            WorkspaceDetails {
-                permission: Some("member".into()),
-                groups: None,
-            },
-        ];
-        assert_eq!(
-            compose_groups(&kept, &details, me),
-            [
-                "alpha",
-                "beta",
-                "alpha/devs",
-                "alpha/admins",
-                "alpha:owner",
-                "beta:member"
-            ]
-        );
-    }
-
-    #[test]
-    fn teams_match_by_slug_or_uuid() {
-        let w = ws("my-team", "{6F0C3A52-0000-0000-0000-000000000000}");
-        assert!(team_matches("my-team", &w));
-        assert!(team_matches("MY-TEAM", &w));
-        assert!(team_matches("{6f0c3a52-0000-0000-0000-000000000000}", &w));
-        assert!(!team_matches("other", &w));
-        assert!(!team_matches("{00000000-0000-0000-0000-000000000000}", &w));
-    }
-
-    #[test]
-    fn primary_email_must_be_confirmed() {
-        let e = |email: &str, p, c| ApiEmail {
-            email: email.into(),
-            is_primary: p,
-            is_confirmed: c,
-        };
-        assert_eq!(
-            primary_email(&[
-                e("a@x", true, false),
-                e("b@x", false, true),
-                e("c@x", true, true)
-            ]),
-            Some("c@x".into())
-        );
-        assert_eq!(
-            primary_email(&[e("a@x", true, false), e("b@x", false, true)]),
-            None
-        );
-    }
-
-    #[test]
-    fn token_usability_margin() {
-        let now = SystemTime::now();
-        assert!(usable(None, now));
-        assert!(usable(Some(now + Duration::from_secs(31)), now));
-        assert!(!usable(Some(now + Duration::from_secs(29)), now));
-        assert!(!usable(Some(now - Duration::from_secs(1)), now));
-    }
-
-    #[test]
-    fn slugs() {
-        assert!(valid_slug("my-team_2"));
-        for bad in ["", ".", "..", "a/b", "a b", "a?b"] {
-            assert!(!valid_slug(bad), "{bad:?}");
-        }
-    }
-
-    #[test]
-    fn cached_identities_never_carry_connector_data() {
-        let i = Identity {
-            user_id: "{a}".into(),
-            username: "alice".into(),
-            groups: vec!["w".into()],
-            connector_data: Some(b"v1.sealed".to_vec()),
-            email_verified: true,
-            ..Default::default()
-        };
-        let back = CachedIdentity::of(&i).identity();
-        assert_eq!(back.connector_data, None);
-        assert_eq!(
-            Identity {
-                connector_data: None,
-                ..i
-            },
-            back
-        );
-        assert_eq!(normal_uuid(" {ABC-1} "), "abc-1");
-    }
-}
+mod tests;
 
 /// Property tests: `cargo test --lib fuzz_` (PROPTEST_CASES=N for more).
 #[cfg(test)]

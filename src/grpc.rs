@@ -12,7 +12,7 @@ use tokio::time::Instant;
 use tonic::{Code, Request, Response, Status};
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::connector::{self, Connector, Connectors, Error, Scopes};
+use crate::connector::{self, Connector, Connectors, Error, Scopes, UpstreamError};
 use crate::metrics::{
     self, Method, MethodLabels, Metrics, RpcLabels, UpstreamTally, UPSTREAM_CALLS,
 };
@@ -612,9 +612,10 @@ fn truncate_for_caller(s: &str) -> String {
     }
 }
 
-/// `e` with the strings the caller sent clipped, before it becomes a message.
-fn caller_text_clipped(e: &Error) -> Error {
-    match e {
+/// `e` with the strings the caller sent clipped, before it becomes a
+/// message; `None` when it carries none.
+fn caller_text_clipped(e: &Error) -> Option<Error> {
+    Some(match e {
         Error::UnknownConnector(id) => Error::UnknownConnector(truncate_for_caller(id)),
         Error::CallbackUrlMismatch {
             received,
@@ -631,13 +632,33 @@ fn caller_text_clipped(e: &Error) -> Error {
             expected: clip_for_caller(expected),
             actual: actual.clone(),
         },
-        other => other.clone(),
+        _ => return None,
+    })
+}
+
+/// The code and reason of an upstream failure, by what happened.
+fn upstream_status(e: &UpstreamError) -> (Code, &'static str) {
+    match e {
+        UpstreamError::Connect { .. }
+        | UpstreamError::Transport { .. }
+        | UpstreamError::Timeout { .. }
+        | UpstreamError::Status { .. }
+        | UpstreamError::Unavailable { .. } => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
+        UpstreamError::DeadlineExceeded { .. } => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
+        UpstreamError::RateLimited { .. } => (Code::Unavailable, "UPSTREAM_RATE_LIMITED"),
+        UpstreamError::Invalid { .. } => (Code::Internal, "UPSTREAM_INVALID"),
+        UpstreamError::Unauthorized { .. } => (Code::Unauthenticated, "UPSTREAM_UNAUTHENTICATED"),
+        UpstreamError::Denied { .. } => (Code::FailedPrecondition, "UPSTREAM_FORBIDDEN"),
+        UpstreamError::ClientRejected { .. } => (Code::Unauthenticated, "CLIENT_REJECTED"),
+        UpstreamError::GrantRejected { .. } => (Code::Unauthenticated, "INVALID_CODE"),
     }
 }
 
 /// The one mapping from domain errors to gRPC statuses (see README's table).
 pub fn into_status(e: &Error) -> Status {
-    let e = &caller_text_clipped(e);
+    let e = e.unshared();
+    let clipped = caller_text_clipped(e);
+    let e = clipped.as_ref().unwrap_or(e);
     let (code, reason) = match e {
         Error::UnknownConnector(_) => (Code::NotFound, "UNKNOWN_CONNECTOR"),
         Error::AmbiguousConnector(_) => (Code::NotFound, "AMBIGUOUS_CONNECTOR"),
@@ -647,17 +668,15 @@ pub fn into_status(e: &Error) -> Status {
         Error::CodeRejected(_) => (Code::Unauthenticated, "INVALID_CODE"),
         Error::ClientRejected(_) => (Code::Unauthenticated, "CLIENT_REJECTED"),
         Error::TokenRevoked(_) => (Code::Unauthenticated, "TOKEN_REVOKED"),
-        Error::Unauthenticated(_) => (Code::Unauthenticated, "UPSTREAM_UNAUTHENTICATED"),
         Error::NoVerifiedEmail => (Code::FailedPrecondition, "NO_CONFIRMED_PRIMARY_EMAIL"),
         Error::NotInRequiredTeams { .. } => (Code::PermissionDenied, "NOT_IN_REQUIRED_TEAMS"),
         Error::UserChanged { .. } => (Code::PermissionDenied, "USER_CHANGED"),
         Error::BadConnectorData(_) => (Code::InvalidArgument, "CONNECTOR_DATA_INVALID"),
-        Error::Unavailable(_) => (Code::Unavailable, "UPSTREAM_UNAVAILABLE"),
-        Error::RateLimited { .. } => (Code::Unavailable, "UPSTREAM_RATE_LIMITED"),
-        Error::UpstreamInvalid(_) => (Code::Internal, "UPSTREAM_INVALID"),
-        Error::UpstreamForbidden(_) => (Code::FailedPrecondition, "UPSTREAM_FORBIDDEN"),
+        Error::Upstream(u) => upstream_status(u),
         Error::DeadlineExceeded(_) => (Code::DeadlineExceeded, "DEADLINE_EXCEEDED"),
         Error::Internal(_) => (Code::Internal, "INTERNAL"),
+        // `unshared` looked through it.
+        Error::Shared(_) => (Code::Internal, "INTERNAL"),
     };
     let mut metadata = HashMap::new();
     match e {
@@ -669,14 +688,10 @@ pub fn into_status(e: &Error) -> Status {
         }
         _ => {}
     }
-    if let Error::RateLimited {
-        retry_after_seconds,
-        ..
-    } = e
-    {
+    if let Error::Upstream(UpstreamError::RateLimited { retry_after, .. }) = e {
         metadata.insert(
             "retry_after_seconds".to_string(),
-            retry_after_seconds.to_string(),
+            connector::retry_after_seconds(*retry_after).to_string(),
         );
     }
     status_with(code, e.to_string(), reason, metadata)
@@ -798,6 +813,78 @@ mod tests {
             info.metadata.get("username").map(String::as_str),
             Some("alice")
         );
+    }
+
+    #[test]
+    fn upstream_errors_map_by_kind_through_a_shared_redemption() {
+        let shared = |e: Error| Error::Shared(Arc::new(e));
+        let s = into_status(&shared(Error::Upstream(UpstreamError::RateLimited {
+            endpoint: "/site/oauth2/access_token",
+            retry_after: Duration::from_millis(2500),
+        })));
+        assert_eq!(s.code(), Code::Unavailable);
+        assert_eq!(
+            s.message(),
+            "bitbucket: /site/oauth2/access_token: rate limited by Bitbucket; retry in 3s"
+        );
+        let info = s.get_details_error_info().unwrap();
+        assert_eq!(info.reason, "UPSTREAM_RATE_LIMITED");
+        assert_eq!(
+            info.metadata.get("retry_after_seconds").map(String::as_str),
+            Some("3")
+        );
+        let s = into_status(&shared(Error::TokenRevoked(connector::Revoked::Upstream(
+            UpstreamError::GrantRejected {
+                error: "invalid_grant".into(),
+                description: None,
+            },
+        ))));
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert_eq!(s.get_details_error_info().unwrap().reason, "TOKEN_REVOKED");
+        for (e, code, reason) in [
+            (
+                UpstreamError::Status {
+                    endpoint: "/2.0/user",
+                    status: 503,
+                },
+                Code::Unavailable,
+                "UPSTREAM_UNAVAILABLE",
+            ),
+            (
+                UpstreamError::Denied {
+                    endpoint: "/2.0/user/emails",
+                    status: 404,
+                },
+                Code::FailedPrecondition,
+                "UPSTREAM_FORBIDDEN",
+            ),
+            (
+                UpstreamError::Unauthorized {
+                    endpoint: "/2.0/user",
+                },
+                Code::Unauthenticated,
+                "UPSTREAM_UNAUTHENTICATED",
+            ),
+            (
+                UpstreamError::DeadlineExceeded {
+                    endpoint: "/2.0/user",
+                },
+                Code::DeadlineExceeded,
+                "DEADLINE_EXCEEDED",
+            ),
+            (
+                UpstreamError::Invalid {
+                    endpoint: "/2.0/user",
+                    detail: "unparseable JSON".into(),
+                },
+                Code::Internal,
+                "UPSTREAM_INVALID",
+            ),
+        ] {
+            let s = into_status(&Error::Upstream(e));
+            assert_eq!(s.code(), code, "{reason}");
+            assert_eq!(s.get_details_error_info().unwrap().reason, reason);
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use tonic_health::ServingStatus;
 
 use crate::config::{Config, ListenAddr};
 use crate::connections::{self, Accept, Limits};
-use crate::connector::{Connector, Connectors};
+use crate::connector::{Connector, Connectors, SystemClock};
 use crate::grpc::{self, Service};
 use crate::metrics::Metrics;
 use crate::pb::connector_service_server::ConnectorServiceServer;
@@ -89,17 +89,23 @@ impl App {
         };
         let mut list = Vec::new();
         for c in &config.connectors {
-            let connector = Connector::new(
-                c.clone(),
-                sealer.clone(),
+            let client = bitbucket::Client::for_connector(
+                c,
                 metrics.clone(),
                 bitbucket::HttpOptions::default(),
-                shared.clone(),
             )
             .map_err(|e| StartupError::Connector {
                 id: c.id.clone(),
                 reason: e.to_string(),
             })?;
+            let connector = Connector::new(
+                c.clone(),
+                client,
+                Arc::new(SystemClock),
+                sealer.clone(),
+                metrics.clone(),
+                shared.clone(),
+            );
             list.push(Arc::new(connector));
         }
         Ok(App {

@@ -1,13 +1,16 @@
 //! The only code that speaks HTTP to Bitbucket Cloud.
 //!
+//! [`Client`] implements the domain's [`Bitbucket`] trait: it reads the wire
+//! types of [`types`] and answers in the domain's facts ([`User`],
+//! [`WorkspaceAccess`], [`Access::Denied`] with a [`Denial`], an
+//! [`UpstreamError`] naming the endpoint template and status). Which HTTP
+//! status or OAuth error string means what is decided here, and only here.
 //! Base URLs are injected (config), never hard-coded here. Pagination follows
 //! `next` only on the API base's scheme, host and port, up to [`MAX_PAGES`].
 
 mod http;
 mod token;
 pub mod types;
-
-use std::time::Duration;
 
 use oauth2::{
     AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, RefreshToken,
@@ -21,6 +24,11 @@ pub use self::http::{install_crypto, Auth, HttpOptions, DEFAULT_MAX_IN_FLIGHT};
 use self::http::{Http, Response};
 use self::token::{classify, OAuthClient, TokenHttp};
 use self::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess, ApiWorkspacePermission, Page};
+use crate::config::{ConnectorConfig, TeamGroup};
+pub use crate::connector::{retry_after_seconds, Grant, UpstreamError};
+use crate::connector::{
+    Access, Bitbucket, Caller, Denial, Email, Group, GroupOwner, User, WorkspaceAccess,
+};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
@@ -37,81 +45,6 @@ pub const EP_GROUPS: &str = "/1.0/groups/{workspace}";
 pub const EP_GROUP_FILTER: &str = "/1.0/groups";
 /// `group=` filters sent in one request at the most (keeps URLs short).
 pub const MAX_GROUP_FILTERS: usize = 50;
-
-/// Why a request to Bitbucket did not give a usable answer. Messages name the
-/// endpoint template, never a URL, a token or a body.
-#[derive(Debug, Clone, thiserror::Error)]
-pub enum UpstreamError {
-    #[error("{endpoint}: {detail}")]
-    Connect {
-        endpoint: &'static str,
-        detail: String,
-    },
-    #[error("{endpoint}: {detail}")]
-    Transport {
-        endpoint: &'static str,
-        detail: String,
-    },
-    #[error("{endpoint}: no answer within {after:?}")]
-    Timeout {
-        endpoint: &'static str,
-        after: Duration,
-    },
-    #[error("{endpoint}: HTTP {status}")]
-    Status { endpoint: &'static str, status: u16 },
-    #[error("{endpoint}: {detail}")]
-    Unavailable {
-        endpoint: &'static str,
-        detail: String,
-    },
-    #[error("{endpoint}: the caller's deadline passed")]
-    DeadlineExceeded { endpoint: &'static str },
-    #[error("{endpoint}: {detail}")]
-    Invalid {
-        endpoint: &'static str,
-        detail: String,
-    },
-    /// Bitbucket answered 429, or this resource's breaker is open.
-    #[error("{endpoint}: rate limited by Bitbucket; retry in {}s", retry_after_seconds(*retry_after))]
-    RateLimited {
-        endpoint: &'static str,
-        retry_after: Duration,
-    },
-    #[error("{endpoint}: HTTP 401 (token not accepted)")]
-    Unauthorized { endpoint: &'static str },
-    /// 403, 404 or 410.
-    #[error("{endpoint}: HTTP {status}")]
-    Denied { endpoint: &'static str, status: u16 },
-    /// The token endpoint's OAuth error (`invalid_grant`, `invalid_client`, …).
-    #[error("token endpoint: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    Rejected {
-        error: String,
-        description: Option<String>,
-    },
-}
-
-/// Whole seconds, rounded up, at least 1: what `retry_after_seconds` says.
-pub fn retry_after_seconds(d: Duration) -> u64 {
-    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
-}
-
-/// Tokens from the token endpoint.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Grant {
-    pub access_token: Secret,
-    pub refresh_token: Option<Secret>,
-    pub expires_in: Option<Duration>,
-}
-
-impl std::fmt::Debug for Grant {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Grant")
-            .field("access_token", &self.access_token)
-            .field("refresh_token", &self.refresh_token)
-            .field("expires_in", &self.expires_in)
-            .finish()
-    }
-}
 
 /// Where one connector's Bitbucket lives, and its OAuth consumer.
 #[derive(Clone, Debug)]
@@ -161,24 +94,43 @@ impl Client {
         })
     }
 
+    /// The client of one configured connector: its endpoints and OAuth
+    /// consumer, and its per-attempt timeout, in-flight bound and 429
+    /// backoff in place of `opts`' defaults.
+    pub fn for_connector(
+        cfg: &ConnectorConfig,
+        metrics: Metrics,
+        opts: HttpOptions,
+    ) -> Result<Client, String> {
+        let endpoints = Endpoints {
+            auth_url: cfg.auth_url.clone(),
+            token_url: cfg.token_url.clone(),
+            api_url: cfg.api_url.clone(),
+            legacy_api_url: cfg.legacy_api_url.clone(),
+        };
+        let opts = HttpOptions {
+            attempt_timeout: cfg.upstream_timeout,
+            max_in_flight: cfg.upstream_max_in_flight,
+            rate_limit_backoff: cfg.rate_limit_backoff,
+            ..opts
+        };
+        Client::new(
+            &endpoints,
+            &cfg.client_id,
+            &cfg.client_secret,
+            metrics,
+            opts,
+        )
+    }
+
     pub fn metrics(&self) -> &Metrics {
         self.http.metrics()
     }
 
-    /// The authorize URL: `client_id`, `response_type=code` and `state`.
-    pub fn authorize_url(&self, state: &str) -> Url {
-        let state = state.to_string();
-        let (url, _) = self
-            .oauth
-            .authorize_url(move || CsrfToken::new(state))
-            .url();
-        url
-    }
-
-    /// Redeems an authorization code (never retried once Bitbucket answered).
-    pub async fn exchange_code(
+    /// One token endpoint exchange: once, with the caller's deadline.
+    async fn token(
         &self,
-        code: &str,
+        grant: TokenGrant<'_>,
         deadline: Instant,
     ) -> Result<Grant, UpstreamError> {
         let http = TokenHttp {
@@ -186,89 +138,27 @@ impl Client {
             url: &self.token_url,
             deadline,
         };
-        let resp = self
-            .oauth
-            .exchange_code(AuthorizationCode::new(code.to_string()))
-            .request_async(&http)
-            .await
-            .map_err(classify)?;
-        Ok(grant(&resp))
-    }
-
-    /// Redeems a refresh token; Bitbucket answers with a new one.
-    pub async fn refresh(
-        &self,
-        refresh_token: &Secret,
-        deadline: Instant,
-    ) -> Result<Grant, UpstreamError> {
-        let http = TokenHttp {
-            http: &self.http,
-            url: &self.token_url,
-            deadline,
-        };
-        let rt = RefreshToken::new(refresh_token.expose().to_string());
-        let resp = self
-            .oauth
-            .exchange_refresh_token(&rt)
-            .request_async(&http)
-            .await
-            .map_err(classify)?;
-        Ok(grant(&resp))
-    }
-
-    pub async fn user(&self, token: &Secret, deadline: Instant) -> Result<ApiUser, UpstreamError> {
-        let url = join(&self.api, &["user"]);
-        let resp = self
-            .http
-            .get(EP_USER, &url, Auth::Bearer(token), deadline)
-            .await?;
-        let user: ApiUser = decode(EP_USER, &ok(EP_USER, resp)?)?;
-        if user.uuid.trim().is_empty() {
-            return Err(UpstreamError::Invalid {
-                endpoint: EP_USER,
-                detail: "the user has an empty uuid".into(),
-            });
+        let resp = match grant {
+            TokenGrant::Code(code) => {
+                self.oauth
+                    .exchange_code(AuthorizationCode::new(code.to_string()))
+                    .request_async(&http)
+                    .await
+            }
+            TokenGrant::Refresh(rt) => {
+                let rt = RefreshToken::new(rt.expose().to_string());
+                self.oauth
+                    .exchange_refresh_token(&rt)
+                    .request_async(&http)
+                    .await
+            }
         }
-        Ok(user)
+        .map_err(classify)?;
+        Ok(grant_of(&resp))
     }
 
-    pub async fn emails(
-        &self,
-        token: &Secret,
-        deadline: Instant,
-    ) -> Result<Vec<ApiEmail>, UpstreamError> {
-        let url = join(&self.api, &["user", "emails"]);
-        self.paginate(EP_EMAILS, url, Auth::Bearer(token), deadline)
-            .await
-    }
-
-    pub async fn workspaces(
-        &self,
-        token: &Secret,
-        deadline: Instant,
-    ) -> Result<Vec<ApiWorkspaceAccess>, UpstreamError> {
-        let url = join(&self.api, &["user", "workspaces"]);
-        self.paginate(EP_WORKSPACES, url, Auth::Bearer(token), deadline)
-            .await
-    }
-
-    pub async fn permission(
-        &self,
-        token: &Secret,
-        slug: &str,
-        deadline: Instant,
-    ) -> Result<String, UpstreamError> {
-        let url = join(&self.api, &["user", "workspaces", slug, "permission"]);
-        let resp = self
-            .http
-            .get(EP_PERMISSION, &url, Auth::Bearer(token), deadline)
-            .await?;
-        let p: ApiWorkspacePermission = decode(EP_PERMISSION, &ok(EP_PERMISSION, resp)?)?;
-        Ok(p.permission)
-    }
-
-    /// API 1.0 workspace groups; readable by workspace admins only.
-    pub async fn groups(
+    /// API 1.0 groups of a workspace, as the wire has them.
+    async fn groups(
         &self,
         auth: Auth<'_>,
         slug: &str,
@@ -277,34 +167,6 @@ impl Client {
         let url = join(&self.legacy, &["groups", slug]);
         let resp = self.http.get(EP_GROUPS, &url, auth, deadline).await?;
         decode(EP_GROUPS, &ok(EP_GROUPS, resp)?)
-    }
-
-    /// API 1.0 "GET a list of matching groups": every group matching one of
-    /// the `group={workspace}/{group_slug}` filters that the caller may see
-    /// (a shared workspace's group: only its members; 200 with none else).
-    pub async fn group_filter(
-        &self,
-        token: &Secret,
-        filters: &[(&str, &str)],
-        deadline: Instant,
-    ) -> Result<Vec<ApiGroup>, UpstreamError> {
-        let mut url = join(&self.legacy, &["groups"]);
-        {
-            let mut q = url.query_pairs_mut();
-            for (ws, group) in filters {
-                q.append_pair("group", &format!("{ws}/{group}"));
-            }
-        }
-        let resp = self
-            .http
-            .get(EP_GROUP_FILTER, &url, Auth::Bearer(token), deadline)
-            .await?;
-        let body = ok(EP_GROUP_FILTER, resp)?;
-        // "200 with an empty answer" may be an empty body as well as `[]`.
-        if body.body.iter().all(u8::is_ascii_whitespace) {
-            return Ok(Vec::new());
-        }
-        decode(EP_GROUP_FILTER, &body)
     }
 
     async fn paginate<T: DeserializeOwned>(
@@ -353,7 +215,187 @@ impl Client {
     }
 }
 
-fn grant(resp: &token::BitbucketTokenResponse) -> Grant {
+enum TokenGrant<'a> {
+    Code(&'a str),
+    Refresh(&'a Secret),
+}
+
+impl Bitbucket for Client {
+    const MAX_GROUP_FILTERS: usize = MAX_GROUP_FILTERS;
+
+    fn authorize_url(&self, state: &str) -> String {
+        let state = state.to_string();
+        let (url, _) = self
+            .oauth
+            .authorize_url(move || CsrfToken::new(state))
+            .url();
+        url.into()
+    }
+
+    async fn exchange_code(&self, code: &str, deadline: Instant) -> Result<Grant, UpstreamError> {
+        self.token(TokenGrant::Code(code), deadline).await
+    }
+
+    async fn redeem_refresh_token(
+        &self,
+        refresh_token: &Secret,
+        deadline: Instant,
+    ) -> Result<Grant, UpstreamError> {
+        self.token(TokenGrant::Refresh(refresh_token), deadline)
+            .await
+    }
+
+    async fn user(&self, token: &Secret, deadline: Instant) -> Result<User, UpstreamError> {
+        let url = join(&self.api, &["user"]);
+        let resp = self
+            .http
+            .get(EP_USER, &url, Auth::Bearer(token), deadline)
+            .await?;
+        let user: ApiUser = decode(EP_USER, &ok(EP_USER, resp)?)?;
+        if user.uuid.trim().is_empty() {
+            return Err(UpstreamError::Invalid {
+                endpoint: EP_USER,
+                detail: "the user has an empty uuid".into(),
+            });
+        }
+        Ok(User {
+            uuid: user.uuid,
+            username: user.username,
+            nickname: user.nickname,
+        })
+    }
+
+    async fn emails(&self, token: &Secret, deadline: Instant) -> Result<Vec<Email>, UpstreamError> {
+        let url = join(&self.api, &["user", "emails"]);
+        let emails: Vec<ApiEmail> = self
+            .paginate(EP_EMAILS, url, Auth::Bearer(token), deadline)
+            .await?;
+        Ok(emails
+            .into_iter()
+            .map(|e| Email {
+                address: e.email,
+                primary: e.is_primary,
+                confirmed: e.is_confirmed,
+            })
+            .collect())
+    }
+
+    async fn workspaces(
+        &self,
+        token: &Secret,
+        deadline: Instant,
+    ) -> Result<Vec<WorkspaceAccess>, UpstreamError> {
+        let url = join(&self.api, &["user", "workspaces"]);
+        let access: Vec<ApiWorkspaceAccess> = self
+            .paginate(EP_WORKSPACES, url, Auth::Bearer(token), deadline)
+            .await?;
+        Ok(access
+            .into_iter()
+            .map(|w| WorkspaceAccess {
+                slug: w.workspace.slug,
+                uuid: w.workspace.uuid,
+                administrator: w.administrator,
+            })
+            .collect())
+    }
+
+    /// 403, 404 and 410 are refusals; a 401 stays an error (the user's token).
+    async fn permission(
+        &self,
+        token: &Secret,
+        workspace: &str,
+        deadline: Instant,
+    ) -> Result<Access<String>, UpstreamError> {
+        let url = join(&self.api, &["user", "workspaces", workspace, "permission"]);
+        let resp = self
+            .http
+            .get(EP_PERMISSION, &url, Auth::Bearer(token), deadline)
+            .await?;
+        match ok(EP_PERMISSION, resp) {
+            Ok(resp) => {
+                let p: ApiWorkspacePermission = decode(EP_PERMISSION, &resp)?;
+                Ok(Access::Read(p.permission))
+            }
+            Err(UpstreamError::Denied { status, .. }) => Ok(Access::Denied(denial(status))),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// API 1.0 lists a workspace's groups to its admins only: 403, 404 and
+    /// 410 are refusals, and so is a 401 (a refused `teamGroupsAuth`).
+    async fn group_list(
+        &self,
+        caller: Caller<'_>,
+        workspace: &str,
+        deadline: Instant,
+    ) -> Result<Access<Vec<Group>>, UpstreamError> {
+        let auth = match caller {
+            Caller::User(token) => Auth::Bearer(token),
+            Caller::Admin(a) => Auth::Basic {
+                username: &a.username,
+                password: &a.password,
+            },
+        };
+        match self.groups(auth, workspace, deadline).await {
+            Ok(g) => Ok(Access::Read(g.into_iter().map(group).collect())),
+            Err(UpstreamError::Denied { status, .. }) => Ok(Access::Denied(denial(status))),
+            Err(UpstreamError::Unauthorized { .. }) => Ok(Access::Denied(Denial::Unauthorized)),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// API 1.0 "GET a list of matching groups": every group matching one of
+    /// the `group={workspace}/{group_slug}` filters that the caller may see
+    /// (a shared workspace's group: only its members; 200 with none else).
+    async fn group_membership(
+        &self,
+        token: &Secret,
+        wanted: &[TeamGroup],
+        deadline: Instant,
+    ) -> Result<Vec<Group>, UpstreamError> {
+        let mut url = join(&self.legacy, &["groups"]);
+        {
+            let mut q = url.query_pairs_mut();
+            for g in wanted {
+                q.append_pair("group", &format!("{}/{}", g.workspace, g.group));
+            }
+        }
+        let resp = self
+            .http
+            .get(EP_GROUP_FILTER, &url, Auth::Bearer(token), deadline)
+            .await?;
+        let body = ok(EP_GROUP_FILTER, resp)?;
+        // "200 with an empty answer" may be an empty body as well as `[]`.
+        if body.body.iter().all(u8::is_ascii_whitespace) {
+            return Ok(Vec::new());
+        }
+        let groups: Vec<ApiGroup> = decode(EP_GROUP_FILTER, &body)?;
+        Ok(groups.into_iter().map(group).collect())
+    }
+}
+
+/// What a 403, 404 or 410 says.
+fn denial(status: u16) -> Denial {
+    match status {
+        404 => Denial::NotFound,
+        410 => Denial::Gone,
+        _ => Denial::Forbidden,
+    }
+}
+
+fn group(g: ApiGroup) -> Group {
+    Group {
+        slug: g.slug,
+        members: g.members.into_iter().filter_map(|m| m.uuid).collect(),
+        owner: g.owner.map(|o| GroupOwner {
+            uuid: o.uuid,
+            username: o.username,
+            nickname: o.nickname,
+        }),
+    }
+}
+
+fn grant_of(resp: &token::BitbucketTokenResponse) -> Grant {
     Grant {
         access_token: Secret::new(resp.access_token().secret().clone()),
         refresh_token: resp

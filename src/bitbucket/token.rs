@@ -176,14 +176,20 @@ impl<'c> oauth2::AsyncHttpClient<'c> for TokenHttp<'_> {
 }
 
 /// Turns oauth2's error into ours. Response bodies (which may carry tokens)
-/// are dropped, never shown.
+/// are dropped, never shown. An OAuth error names who was refused: the
+/// consumer (`invalid_client`, `unauthorized_client`), else the grant.
 pub fn classify(e: RequestTokenError<TokenHttpError, BasicErrorResponse>) -> UpstreamError {
     match e {
         RequestTokenError::Request(TokenHttpError(u)) => u,
-        RequestTokenError::ServerResponse(r) => UpstreamError::Rejected {
-            error: r.error().as_ref().to_string(),
-            description: r.error_description().cloned(),
-        },
+        RequestTokenError::ServerResponse(r) => {
+            let error = r.error().as_ref().to_string();
+            let description = r.error_description().cloned();
+            if error == "invalid_client" || error == "unauthorized_client" {
+                UpstreamError::ClientRejected { error, description }
+            } else {
+                UpstreamError::GrantRejected { error, description }
+            }
+        }
         RequestTokenError::Parse(err, _body) => UpstreamError::Invalid {
             endpoint: TOKEN_ENDPOINT,
             detail: format!("unparseable token response at {}", err.path()),
