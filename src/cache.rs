@@ -23,10 +23,10 @@ use crate::secret::Secret;
 
 /// Longest wait for Redis per operation: beyond it the in-process cache
 /// answers, so a stalled Redis costs a login at most this much per lookup.
-pub const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
+pub(crate) const REDIS_TIMEOUT: Duration = Duration::from_millis(250);
 
 /// How an entry's key reads in Redis (after `bbc:{connector}:{cache}:`).
-pub trait SharedKey {
+pub(crate) trait SharedKey {
     fn shared_key(&self) -> String;
 }
 
@@ -142,14 +142,14 @@ impl SharedCache {
 }
 
 /// Entries held at most by one cache.
-pub const MAX_ENTRIES: u64 = 100_000;
+pub(crate) const MAX_ENTRIES: u64 = 100_000;
 /// Estimated bytes held at most by one cache.
-pub const MAX_BYTES: u64 = 64 * 1024 * 1024;
+pub(crate) const MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Per-entry bookkeeping counted on top of an entry's own bytes.
 const ENTRY_OVERHEAD: usize = 96;
 
 /// The heap bytes an entry holds, as near as it matters for a memory bound.
-pub trait Weigh {
+pub(crate) trait Weigh {
     fn weigh(&self) -> usize;
 }
 
@@ -196,7 +196,7 @@ impl Weigh for bool {
 /// An in-process entry is stamped with its [`Clock`]'s time and is a miss
 /// once the TTL has passed on that clock (so tests move time by hand); moka's
 /// own TTL, on the monotonic clock, still evicts it.
-pub struct TtlCache<K, V> {
+pub(crate) struct TtlCache<K, V> {
     name: Cache,
     ttl: Duration,
     inner: Option<moka::sync::Cache<K, (V, SystemTime)>>,
@@ -212,23 +212,23 @@ where
     V: Clone + Weigh + Serialize + DeserializeOwned + Send + Sync + 'static,
 {
     /// Shares this cache through Redis under `bbc:{connector_id}:{name}:`.
-    pub fn shared(mut self, shared: Option<Arc<SharedCache>>, connector_id: &str) -> Self {
+    pub(crate) fn shared(mut self, shared: Option<Arc<SharedCache>>, connector_id: &str) -> Self {
         let name: &str = self.name.into();
         self.shared = shared.map(|s| (s, format!("bbc:{connector_id}:{name}:")));
         self
     }
 
     /// Reads entry ages from `clock` instead of the wall clock.
-    pub fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
+    pub(crate) fn clock(mut self, clock: Arc<dyn Clock>) -> Self {
         self.clock = clock;
         self
     }
 
-    pub fn new(name: Cache, ttl: Duration, metrics: Metrics) -> Self {
+    pub(crate) fn new(name: Cache, ttl: Duration, metrics: Metrics) -> Self {
         Self::bounded(name, ttl, MAX_ENTRIES, MAX_BYTES, metrics)
     }
 
-    pub fn bounded(
+    pub(crate) fn bounded(
         name: Cache,
         ttl: Duration,
         max_entries: u64,
@@ -258,12 +258,12 @@ where
         }
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.inner.is_some()
     }
 
     /// Redis first when configured; the in-process entry when Redis fails.
-    pub async fn get(&self, key: &K) -> Option<V> {
+    pub(crate) async fn get(&self, key: &K) -> Option<V> {
         let inner = self.inner.as_ref()?;
         if let Some((redis, prefix)) = &self.shared {
             match redis.get(&format!("{prefix}{}", key.shared_key())).await {
@@ -287,7 +287,7 @@ where
         hit
     }
 
-    pub async fn put(&self, key: K, value: V) {
+    pub(crate) async fn put(&self, key: K, value: V) {
         let Some(inner) = &self.inner else {
             return;
         };
@@ -302,26 +302,18 @@ where
         inner.insert(key, (value, self.clock.now()));
     }
 
-    pub fn invalidate(&self, key: &K) {
-        if let Some(inner) = &self.inner {
-            inner.invalidate(key);
-        }
-    }
-
     /// Entries held (after pending evictions ran).
-    pub fn len(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn len(&self) -> u64 {
         self.inner.as_ref().map_or(0, |c| {
             c.run_pending_tasks();
             c.entry_count()
         })
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     /// Estimated bytes held (after pending evictions ran).
-    pub fn weight(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn weight(&self) -> u64 {
         self.inner.as_ref().map_or(0, |c| {
             c.run_pending_tasks();
             c.weighted_size()

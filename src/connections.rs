@@ -26,7 +26,7 @@ use crate::tls::ReloadableTls;
 
 /// TLS handshakes in progress at once; more accepted connections wait (their
 /// wait counts in the handshake's time limit).
-pub const MAX_TLS_HANDSHAKES: usize = 64;
+pub(crate) const MAX_TLS_HANDSHAKES: usize = 64;
 /// A TLS handshake (wait for a slot included) that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// After an idle connection's GOAWAY, how long it may take to close before it
@@ -37,7 +37,7 @@ const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(10);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
-pub struct Limits {
+pub(crate) struct Limits {
     pub max_connections: usize,
     /// `Duration::ZERO`: never.
     pub idle_timeout: Duration,
@@ -51,13 +51,13 @@ pub struct Limits {
 }
 
 /// What connections are accepted from.
-pub enum Accept {
+pub(crate) enum Accept {
     Tcp(TcpListener, Option<Arc<ReloadableTls>>),
     Unix(UnixListener),
 }
 
 /// The service every connection runs (tonic's routes, with our layers).
-pub trait GrpcService:
+pub(crate) trait GrpcService:
     tower::Service<
         http::Request<Incoming>,
         Response = http::Response<Body>,
@@ -83,7 +83,7 @@ impl<S> GrpcService for S where
 
 /// Serves connections until `stop` resolves; then closes the listener, sends
 /// every connection a GOAWAY and resolves when they have all closed.
-pub async fn serve<S: GrpcService>(
+pub(crate) async fn serve<S: GrpcService>(
     accept: Accept,
     service: S,
     limits: Limits,

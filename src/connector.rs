@@ -25,11 +25,11 @@ use crate::sealing::{OpenError, Origin, Sealer, Tokens};
 use crate::secret::Secret;
 
 /// An access token with less than this left is refreshed first.
-pub const REFRESH_MARGIN: Duration = Duration::from_secs(30);
+pub(crate) const REFRESH_MARGIN: Duration = Duration::from_secs(30);
 /// Workspaces whose permission and groups are read at once, per login.
-pub const WORKSPACE_CONCURRENCY: usize = 100;
+pub(crate) const WORKSPACE_CONCURRENCY: usize = 100;
 /// Longest `raw_query` accepted.
-pub const MAX_RAW_QUERY: usize = 8 * 1024;
+pub(crate) const MAX_RAW_QUERY: usize = 8 * 1024;
 
 /// What the host's client asked for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -74,7 +74,7 @@ pub trait Clock: Send + Sync {
 
 /// The wall clock.
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SystemClock;
+pub(crate) struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> SystemTime {
@@ -310,7 +310,7 @@ impl UpstreamError {
 }
 
 /// Whole seconds, rounded up, at least 1: what `retry_after_seconds` says.
-pub fn retry_after_seconds(d: Duration) -> u64 {
+pub(crate) fn retry_after_seconds(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
 }
 
@@ -335,7 +335,7 @@ pub enum Error {
     MalformedCallback(String),
     /// The user (or Bitbucket) refused at the authorize page: `error=…`.
     #[error("bitbucket: {error}{}", description.as_deref().map(|d| format!(": {d}")).unwrap_or_default())]
-    CallbackError {
+    Callback {
         error: String,
         description: Option<String>,
     },
@@ -1136,7 +1136,7 @@ fn tokens_from_grant(
 }
 
 /// `code=…` from the callback's query string, or the error it carries.
-pub fn parse_callback(raw_query: &str) -> Result<String, Error> {
+pub(crate) fn parse_callback(raw_query: &str) -> Result<String, Error> {
     if raw_query.len() > MAX_RAW_QUERY {
         return Err(Error::MalformedCallback(format!(
             "raw_query is longer than {MAX_RAW_QUERY} bytes"
@@ -1155,7 +1155,7 @@ pub fn parse_callback(raw_query: &str) -> Result<String, Error> {
         }
     }
     if let Some(error) = error.filter(|e| !e.is_empty()) {
-        return Err(Error::CallbackError {
+        return Err(Error::Callback {
             error: clip(&error, 200),
             description: description.filter(|d| !d.is_empty()).map(|d| clip(&d, 500)),
         });

@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use subtle::ConstantTimeEq as _;
 
 /// The ErrorInfo domain of every error this service returns.
-pub const ERROR_DOMAIN: &str = "bitbucket-connector";
+pub(crate) const ERROR_DOMAIN: &str = "bitbucket-connector";
 
 /// Deadlines are cut this much short of the caller's, so that our own
 /// DEADLINE_EXCEEDED answer wins over the transport's cancellation.
@@ -31,13 +31,13 @@ const DEADLINE_MARGIN: Duration = Duration::from_millis(50);
 /// `connector.v1.ConnectorService`: the handlers. Admission, the deadline,
 /// metrics and the log line are the [`Envelope`]'s, around it.
 #[derive(Clone)]
-pub struct Service {
+pub(crate) struct Service {
     connectors: Arc<Connectors>,
     default_timeout: Duration,
 }
 
 impl Service {
-    pub fn new(connectors: Arc<Connectors>, default_timeout: Duration) -> Self {
+    pub(crate) fn new(connectors: Arc<Connectors>, default_timeout: Duration) -> Self {
         Service {
             connectors,
             default_timeout,
@@ -111,7 +111,7 @@ impl Call {
 /// outcome (refusals before the handler included) gets an ErrorInfo, a
 /// metrics sample and one log line.
 #[derive(Clone)]
-pub struct Envelope {
+pub(crate) struct Envelope {
     metrics: Metrics,
     in_flight: Arc<Semaphore>,
     default_timeout: Duration,
@@ -120,7 +120,7 @@ pub struct Envelope {
 }
 
 impl Envelope {
-    pub fn new(
+    pub(crate) fn new(
         metrics: Metrics,
         in_flight: Arc<Semaphore>,
         default_timeout: Duration,
@@ -146,7 +146,7 @@ impl<S> tower::Layer<S> for Envelope {
 }
 
 #[derive(Clone)]
-pub struct Enveloped<S> {
+pub(crate) struct Enveloped<S> {
     inner: S,
     envelope: Envelope,
 }
@@ -516,7 +516,7 @@ fn timeout(meta: &http::HeaderMap, default: Duration) -> Duration {
 }
 
 /// gRPC's `TimeoutValue TimeoutUnit`: at most 8 digits and one of H M S m u n.
-pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+pub(crate) fn parse_grpc_timeout(v: &str) -> Option<Duration> {
     if v.len() < 2 || v.len() > 9 {
         return None;
     }
@@ -566,7 +566,7 @@ fn is_server_fault(code: &str) -> bool {
 }
 
 /// A status with an ErrorInfo detail.
-pub fn status(code: Code, message: String, reason: &str) -> Status {
+pub(crate) fn status(code: Code, message: String, reason: &str) -> Status {
     status_with(code, message, reason, HashMap::new())
 }
 
@@ -588,7 +588,7 @@ const CALLER_TEXT_MAX: usize = 256;
 
 /// A string the caller sent, as echoed in a message shown without quoting: at
 /// most 256 characters (then `…`), control characters escaped.
-pub fn clip_for_caller(s: &str) -> String {
+pub(crate) fn clip_for_caller(s: &str) -> String {
     let mut out = String::with_capacity(s.len().min(CALLER_TEXT_MAX + 8));
     for (n, c) in s.chars().enumerate() {
         if n == CALLER_TEXT_MAX {
@@ -624,7 +624,7 @@ fn caller_text_clipped(e: &Error) -> Option<Error> {
             received: truncate_for_caller(received),
             configured: configured.clone(),
         },
-        Error::CallbackError { error, description } => Error::CallbackError {
+        Error::Callback { error, description } => Error::Callback {
             error: clip_for_caller(error),
             description: description.as_deref().map(clip_for_caller),
         },
@@ -655,7 +655,7 @@ fn upstream_status(e: &UpstreamError) -> (Code, &'static str) {
 }
 
 /// The one mapping from domain errors to gRPC statuses (see README's table).
-pub fn into_status(e: &Error) -> Status {
+pub(crate) fn into_status(e: &Error) -> Status {
     let e = e.unshared();
     let clipped = caller_text_clipped(e);
     let e = clipped.as_ref().unwrap_or(e);
@@ -664,7 +664,7 @@ pub fn into_status(e: &Error) -> Status {
         Error::AmbiguousConnector(_) => (Code::NotFound, "AMBIGUOUS_CONNECTOR"),
         Error::CallbackUrlMismatch { .. } => (Code::InvalidArgument, "CALLBACK_URL_MISMATCH"),
         Error::MalformedCallback(_) => (Code::InvalidArgument, "MALFORMED_CALLBACK"),
-        Error::CallbackError { .. } => (Code::Unauthenticated, "CALLBACK_ERROR"),
+        Error::Callback { .. } => (Code::Unauthenticated, "CALLBACK_ERROR"),
         Error::CodeRejected(_) => (Code::Unauthenticated, "INVALID_CODE"),
         Error::ClientRejected(_) => (Code::Unauthenticated, "CLIENT_REJECTED"),
         Error::TokenRevoked(_) => (Code::Unauthenticated, "TOKEN_REVOKED"),
@@ -680,7 +680,7 @@ pub fn into_status(e: &Error) -> Status {
     };
     let mut metadata = HashMap::new();
     match e {
-        Error::CallbackError { error, .. } => {
+        Error::Callback { error, .. } => {
             metadata.insert("error".to_string(), error.clone());
         }
         Error::NotInRequiredTeams { username } => {
@@ -697,7 +697,7 @@ pub fn into_status(e: &Error) -> Status {
     status_with(code, e.to_string(), reason, metadata)
 }
 
-pub fn code_name(code: Code) -> &'static str {
+pub(crate) fn code_name(code: Code) -> &'static str {
     rpc_code(code).into()
 }
 

@@ -8,27 +8,34 @@
 //! - [`sealing`]: connector data sealed with the operator's keys;
 //! - `walkthrough` and `cli::demo` (feature `demo`, on by default): the demo
 //!   against the fake Bitbucket of the `fake-bitbucket` crate (`fake/`).
+#![warn(unreachable_pub)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
-pub mod bitbucket;
-pub mod cache;
+mod bitbucket;
+mod cache;
 pub mod cli;
 pub mod config;
-pub mod connections;
-pub mod connector;
-pub mod grpc;
-pub mod metrics;
+mod connections;
+mod connector;
+mod grpc;
+mod metrics;
 pub mod sealing;
 pub mod secret;
 pub mod server;
 pub mod startup;
-pub mod telemetry;
-pub mod tls;
+mod telemetry;
+mod tls;
 #[cfg(feature = "demo")]
-pub mod walkthrough;
+mod walkthrough;
+
+/// Installs ring as the process's TLS provider, shared by reqwest and tonic
+/// (reqwest is built without one of its own). Idempotent; call it before any TLS.
+pub fn install_crypto() {
+    bitbucket::install_crypto();
+}
 
 /// The generated protobuf and gRPC code, fenced off from the rest.
 pub mod pb {

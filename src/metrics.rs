@@ -170,7 +170,7 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct VersionLabels {
+pub(crate) struct VersionLabels {
     pub version: &'static str,
 }
 
@@ -188,10 +188,10 @@ tokio::task_local! {
 
 /// One RPC's upstream requests, counted by endpoint template.
 #[derive(Debug, Default)]
-pub struct UpstreamTally(std::sync::Mutex<Vec<(&'static str, u32)>>);
+pub(crate) struct UpstreamTally(std::sync::Mutex<Vec<(&'static str, u32)>>);
 
 impl UpstreamTally {
-    pub fn add(&self, endpoint: &'static str) {
+    pub(crate) fn add(&self, endpoint: &'static str) {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match v.iter_mut().find(|(e, _)| *e == endpoint) {
             Some((_, n)) => *n += 1,
@@ -199,14 +199,14 @@ impl UpstreamTally {
         }
     }
 
-    pub fn total(&self) -> u32 {
+    pub(crate) fn total(&self) -> u32 {
         let v = self.0.lock().unwrap_or_else(|e| e.into_inner());
         v.iter().map(|(_, n)| n).sum()
     }
 
     /// `endpoint:count` pairs joined by `,`, sorted by endpoint; "-" for none.
     /// Templates carry no spaces, so the field needs no quoting.
-    pub fn summary(&self) -> String {
+    pub(crate) fn summary(&self) -> String {
         let mut v = self.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
         if v.is_empty() {
             return "-".to_string();

@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 /// Never lossy: when that thread falls 8k lines behind, callers wait. Keep
 /// the guard until the process ends; dropping it flushes what is queued.
 #[must_use = "dropping the guard stops the log writer"]
-pub fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::WorkerGuard {
+pub(crate) fn init_logging(cfg: &LoggerConfig) -> tracing_appender::non_blocking::WorkerGuard {
     use tracing_subscriber::EnvFilter;
     let default = format!(
         "{},h2=warn,hyper=warn,hyper_util=warn,tower=warn,rustls=warn,reqwest=warn",
@@ -105,7 +105,7 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
 }
 
 /// Serves the telemetry endpoint; the task ends when aborted.
-pub async fn serve_http(
+pub(crate) async fn serve_http(
     addr: SocketAddr,
     metrics: Metrics,
     serving: Arc<AtomicBool>,
@@ -145,7 +145,7 @@ pub async fn serve_http(
 
 /// A client that has not sent a complete request header within this long is
 /// disconnected (slowloris), idle keep-alive connections included.
-pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Telemetry connections held at once; beyond it new ones wait.
 const MAX_CONNECTIONS: usize = 256;
 

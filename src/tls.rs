@@ -42,21 +42,21 @@ pub enum TlsError {
 const POLL_EVERY: Duration = Duration::from_secs(5);
 
 #[derive(Clone, Debug)]
-pub struct TlsFiles {
+pub(crate) struct TlsFiles {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub client_ca: Option<PathBuf>,
 }
 
 /// The current server TLS config; new connections use the latest one.
-pub struct ReloadableTls {
+pub(crate) struct ReloadableTls {
     files: TlsFiles,
     current: RwLock<Arc<ServerConfig>>,
     stamps: Mutex<Vec<Option<SystemTime>>>,
 }
 
 impl ReloadableTls {
-    pub fn load(files: TlsFiles) -> Result<ReloadableTls, TlsError> {
+    pub(crate) fn load(files: TlsFiles) -> Result<ReloadableTls, TlsError> {
         let config = build(&files)?;
         Ok(ReloadableTls {
             stamps: Mutex::new(stamps(&files)),
@@ -66,7 +66,7 @@ impl ReloadableTls {
     }
 
     /// Re-reads the files; on error the previous config stays in use.
-    pub fn reload(&self) -> Result<(), TlsError> {
+    pub(crate) fn reload(&self) -> Result<(), TlsError> {
         let config = build(&self.files)?;
         *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
         *self.stamps.lock().unwrap_or_else(|e| e.into_inner()) = stamps(&self.files);
@@ -88,7 +88,7 @@ impl ReloadableTls {
     }
 
     /// Reloads, logging the outcome; `trigger` says why.
-    pub fn reload_logged(&self, trigger: &str) {
+    pub(crate) fn reload_logged(&self, trigger: &str) {
         match self.reload() {
             Ok(()) => tracing::info!(trigger, "TLS certificates reloaded"),
             Err(e) => {
@@ -99,7 +99,7 @@ impl ReloadableTls {
 
     /// Reloads when a file's modification time changes (SIGHUP is handled
     /// by the server, which calls `reload_logged`).
-    pub async fn watch(self: Arc<Self>) {
+    pub(crate) async fn watch(self: Arc<Self>) {
         loop {
             tokio::time::sleep(POLL_EVERY).await;
             if self.changed() {

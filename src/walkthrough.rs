@@ -9,12 +9,12 @@ use crate::pb;
 use crate::pb::connector_service_client::ConnectorServiceClient;
 
 /// The state every demo login carries through Bitbucket and back.
-pub const DEMO_STATE: &str = "demo-state";
+pub(crate) const DEMO_STATE: &str = "demo-state";
 
 /// The commands `demo` prints: prose as `#` comments, so the whole text may be
 /// pasted into bash, zsh or sh. Values travel in shell variables; python3
 /// pulls them out of grpcurl's JSON (which writes `&` as `\u0026`).
-pub fn commands(addr: SocketAddr, redirect: &str) -> String {
+pub(crate) fn commands(addr: SocketAddr, redirect: &str) -> String {
     format!(
         r#"ADDR={addr}
 grpcurl -plaintext $ADDR list
@@ -51,7 +51,7 @@ const WARN_NOTE: &str = "\
 # looking-glass), to show that a login still succeeds without that workspace's groups.";
 
 /// The whole text `demo` prints.
-pub fn banner(addr: SocketAddr, fake: &str, redirect: &str) -> String {
+pub(crate) fn banner(addr: SocketAddr, fake: &str, redirect: &str) -> String {
     format!(
         r#"
 # bitbucket-connector demo: the service is on {addr}, a fake Bitbucket Cloud on {fake}.
@@ -94,7 +94,7 @@ fn rpc_error(step: &str, s: tonic::Status) -> String {
 
 /// `demo --walkthrough`: a login as `user` and a refresh against the service
 /// on `addr`, each step printed to stdout as it completes.
-pub async fn run(addr: SocketAddr, redirect: &str, user: &str) -> Result<(), String> {
+pub(crate) async fn run(addr: SocketAddr, redirect: &str, user: &str) -> Result<(), String> {
     let step = |text: String| {
         print!("{text}");
         let _ = std::io::Write::flush(&mut std::io::stdout());

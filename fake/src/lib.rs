@@ -45,6 +45,7 @@
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
+#![warn(unreachable_pub)]
 
 mod api;
 mod control;

@@ -17,7 +17,7 @@ use crate::secret::Secret;
 
 /// How a request authenticates. Tokens travel only in the Authorization header.
 #[derive(Clone, Copy)]
-pub enum Auth<'a> {
+pub(crate) enum Auth<'a> {
     Bearer(&'a Secret),
     Basic {
         username: &'a str,
@@ -29,7 +29,7 @@ pub enum Auth<'a> {
 /// proxy, where each request in flight is a connection): well under the
 /// usual 1,024 open-files limit, and above what one login of a user in 100
 /// workspaces needs at once.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 256;
+pub(crate) const DEFAULT_MAX_IN_FLIGHT: usize = 256;
 
 #[derive(Clone, Debug)]
 pub struct HttpOptions {
@@ -65,7 +65,7 @@ impl Default for HttpOptions {
 }
 
 /// A response that arrived, body read in full (within the cap).
-pub struct Response {
+pub(super) struct Response {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
@@ -76,7 +76,7 @@ pub struct Response {
 /// Response bytes (KiB) that all clients of the process hold at once: 16
 /// bodies at the 4 MiB cap, where a login needs a few KiB. Beyond it a
 /// response fails (UNAVAILABLE) instead of growing the heap.
-pub const BODY_BUDGET_KIB: usize = 64 * 1024;
+pub(super) const BODY_BUDGET_KIB: usize = 64 * 1024;
 static BODY_BUDGET: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(BODY_BUDGET_KIB);
 
 /// A body's share of a budget of KiB, grown as its chunks arrive.
@@ -109,7 +109,7 @@ impl Share {
     }
 }
 
-pub struct Http {
+pub(super) struct Http {
     client: reqwest::Client,
     metrics: Metrics,
     opts: HttpOptions,
@@ -180,7 +180,7 @@ enum Attempt {
 }
 
 impl Http {
-    pub fn new(metrics: Metrics, opts: HttpOptions) -> Result<Http, String> {
+    pub(super) fn new(metrics: Metrics, opts: HttpOptions) -> Result<Http, String> {
         install_crypto();
         let slots = opts.max_in_flight.max(1);
         let client = reqwest::Client::builder()
@@ -206,13 +206,13 @@ impl Http {
         })
     }
 
-    pub fn metrics(&self) -> &Metrics {
+    pub(super) fn metrics(&self) -> &Metrics {
         &self.metrics
     }
 
     /// A GET, retried on 429, 502, 503, 504, timeouts and connection errors,
     /// never past `deadline`. Returns any response that is not retryable.
-    pub async fn get(
+    pub(super) async fn get(
         &self,
         endpoint: &'static str,
         url: &Url,
@@ -250,7 +250,7 @@ impl Http {
 
     /// A request sent once: the token endpoint must not see a code twice.
     /// Only a connection that could not be made is tried again.
-    pub async fn send_once(
+    pub(super) async fn send_once(
         &self,
         endpoint: &'static str,
         req: reqwest::RequestBuilder,
@@ -310,7 +310,12 @@ impl Http {
         }
     }
 
-    pub fn request(&self, method: Method, url: &Url, auth: Auth<'_>) -> reqwest::RequestBuilder {
+    pub(super) fn request(
+        &self,
+        method: Method,
+        url: &Url,
+        auth: Auth<'_>,
+    ) -> reqwest::RequestBuilder {
         let req = self.client.request(method, url.clone());
         match auth {
             Auth::Bearer(token) => req.header(AUTHORIZATION, format!("Bearer {}", token.expose())),
@@ -318,7 +323,7 @@ impl Http {
         }
     }
 
-    pub fn post(&self, url: &Url) -> reqwest::RequestBuilder {
+    pub(super) fn post(&self, url: &Url) -> reqwest::RequestBuilder {
         self.client.post(url.clone())
     }
 
@@ -474,7 +479,7 @@ impl Http {
 
 /// Installs ring as the process's TLS provider, shared by reqwest and tonic
 /// (reqwest is built without one of its own). Idempotent.
-pub fn install_crypto() {
+pub(crate) fn install_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 

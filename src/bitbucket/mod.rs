@@ -10,7 +10,7 @@
 
 mod http;
 mod token;
-pub mod types;
+pub(crate) mod types;
 
 use oauth2::{
     AuthUrl, AuthorizationCode, ClientId, ClientSecret, CsrfToken, RefreshToken,
@@ -20,31 +20,31 @@ use serde::de::DeserializeOwned;
 use tokio::time::Instant;
 use url::Url;
 
-pub use self::http::{install_crypto, Auth, HttpOptions, DEFAULT_MAX_IN_FLIGHT};
+pub(crate) use self::http::{install_crypto, Auth, HttpOptions, DEFAULT_MAX_IN_FLIGHT};
 use self::http::{Http, Response};
 use self::token::{classify, OAuthClient, TokenHttp};
 use self::types::{ApiEmail, ApiGroup, ApiUser, ApiWorkspaceAccess, ApiWorkspacePermission, Page};
 use crate::config::{ConnectorConfig, TeamGroup};
-pub use crate::connector::{retry_after_seconds, Grant, UpstreamError};
 use crate::connector::{
     Access, Bitbucket, Caller, Denial, Email, Group, GroupOwner, User, WorkspaceAccess,
 };
+pub(crate) use crate::connector::{Grant, UpstreamError};
 use crate::metrics::Metrics;
 use crate::secret::Secret;
 
 /// Pages read from one collection at the most (100 entries each).
-pub const MAX_PAGES: usize = 50;
+pub(crate) const MAX_PAGES: usize = 50;
 const PAGELEN: &str = "100";
 
-pub const EP_USER: &str = "/2.0/user";
-pub const EP_EMAILS: &str = "/2.0/user/emails";
-pub const EP_WORKSPACES: &str = "/2.0/user/workspaces";
-pub const EP_PERMISSION: &str = "/2.0/user/workspaces/{workspace}/permission";
-pub const EP_GROUPS: &str = "/1.0/groups/{workspace}";
+pub(crate) const EP_USER: &str = "/2.0/user";
+pub(crate) const EP_EMAILS: &str = "/2.0/user/emails";
+pub(crate) const EP_WORKSPACES: &str = "/2.0/user/workspaces";
+pub(crate) const EP_PERMISSION: &str = "/2.0/user/workspaces/{workspace}/permission";
+pub(crate) const EP_GROUPS: &str = "/1.0/groups/{workspace}";
 /// `?group=ws/slug&group=…`: the listed groups the caller may see.
-pub const EP_GROUP_FILTER: &str = "/1.0/groups";
+pub(crate) const EP_GROUP_FILTER: &str = "/1.0/groups";
 /// `group=` filters sent in one request at the most (keeps URLs short).
-pub const MAX_GROUP_FILTERS: usize = 50;
+pub(crate) const MAX_GROUP_FILTERS: usize = 50;
 
 /// Where one connector's Bitbucket lives, and its OAuth consumer.
 #[derive(Clone, Debug)]

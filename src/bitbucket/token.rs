@@ -19,12 +19,12 @@ use tokio::time::Instant;
 use super::http::Http;
 use super::UpstreamError;
 
-pub const TOKEN_ENDPOINT: &str = "/site/oauth2/access_token";
+pub(super) const TOKEN_ENDPOINT: &str = "/site/oauth2/access_token";
 
 /// Bitbucket's token response: `expires_in` as a number or a string,
 /// `scopes` (Bitbucket) or `scope` (RFC 6749), `token_type` optional.
 #[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct BitbucketTokenResponse {
+pub(super) struct BitbucketTokenResponse {
     access_token: AccessToken,
     #[serde(default = "bearer", deserialize_with = "lenient_token_type")]
     token_type: BasicTokenType,
@@ -109,7 +109,7 @@ impl TokenResponse for BitbucketTokenResponse {
     }
 }
 
-pub type OAuthClient = oauth2::Client<
+pub(super) type OAuthClient = oauth2::Client<
     BasicErrorResponse,
     BitbucketTokenResponse,
     BasicTokenIntrospectionResponse,
@@ -125,12 +125,12 @@ pub type OAuthClient = oauth2::Client<
 /// What the token endpoint's answer failed with, for the oauth2 crate.
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
-pub struct TokenHttpError(pub UpstreamError);
+pub(super) struct TokenHttpError(pub UpstreamError);
 
 /// Adapts [`Http`] to `oauth2::AsyncHttpClient`: one attempt (a code is
 /// never sent twice once Bitbucket answered), the deadline and body cap kept;
 /// 429 and 5xx become errors here, before oauth2 tries to parse them.
-pub struct TokenHttp<'a> {
+pub(super) struct TokenHttp<'a> {
     pub http: &'a Http,
     /// The token URL oauth2 was given, already parsed: oauth2's request
     /// carries the same one as an `http::Uri`.
@@ -178,7 +178,7 @@ impl<'c> oauth2::AsyncHttpClient<'c> for TokenHttp<'_> {
 /// Turns oauth2's error into ours. Response bodies (which may carry tokens)
 /// are dropped, never shown. An OAuth error names who was refused: the
 /// consumer (`invalid_client`, `unauthorized_client`), else the grant.
-pub fn classify(e: RequestTokenError<TokenHttpError, BasicErrorResponse>) -> UpstreamError {
+pub(super) fn classify(e: RequestTokenError<TokenHttpError, BasicErrorResponse>) -> UpstreamError {
     match e {
         RequestTokenError::Request(TokenHttpError(u)) => u,
         RequestTokenError::ServerResponse(r) => {

@@ -5,19 +5,17 @@ use serde::{Deserialize, Deserializer, Serialize};
 
 /// `GET /2.0/user` (the `user` schema; only what an identity needs).
 #[derive(Debug, Clone, Deserialize)]
-pub struct ApiUser {
+pub(crate) struct ApiUser {
     pub uuid: String,
     #[serde(default)]
     pub username: Option<String>,
     #[serde(default)]
     pub nickname: Option<String>,
-    #[serde(default)]
-    pub display_name: Option<String>,
 }
 
 /// One entry of `GET /2.0/user/emails`.
 #[derive(Debug, Clone, Deserialize)]
-pub struct ApiEmail {
+pub(crate) struct ApiEmail {
     pub email: String,
     #[serde(default, deserialize_with = "null_as_false")]
     pub is_primary: bool,
@@ -27,14 +25,14 @@ pub struct ApiEmail {
 
 /// One entry of `GET /2.0/user/workspaces` (`workspace_access`).
 #[derive(Debug, Clone, Deserialize)]
-pub struct ApiWorkspaceAccess {
+pub(crate) struct ApiWorkspaceAccess {
     #[serde(default, deserialize_with = "null_as_false")]
     pub administrator: bool,
     pub workspace: ApiWorkspaceBase,
 }
 
 #[derive(Debug, Clone, Deserialize)]
-pub struct ApiWorkspaceBase {
+pub(crate) struct ApiWorkspaceBase {
     pub slug: String,
     #[serde(default)]
     pub uuid: Option<String>,
@@ -42,14 +40,14 @@ pub struct ApiWorkspaceBase {
 
 /// `GET /2.0/user/workspaces/{workspace}/permission`.
 #[derive(Debug, Clone, Deserialize)]
-pub struct ApiWorkspacePermission {
+pub(crate) struct ApiWorkspacePermission {
     pub permission: String,
 }
 
 /// One group of `GET /1.0/groups/{workspace}` or `GET /1.0/groups?group=…`
 /// (a JSON array).
 #[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ApiGroup {
+pub(crate) struct ApiGroup {
     pub slug: String,
     #[serde(default, deserialize_with = "null_as_empty")]
     pub members: Vec<ApiGroupMember>,
@@ -59,7 +57,7 @@ pub struct ApiGroup {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ApiGroupOwner {
+pub(crate) struct ApiGroupOwner {
     #[serde(default)]
     pub uuid: Option<String>,
     #[serde(default)]
@@ -69,7 +67,7 @@ pub struct ApiGroupOwner {
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize)]
-pub struct ApiGroupMember {
+pub(crate) struct ApiGroupMember {
     #[serde(default)]
     pub uuid: Option<String>,
 }
@@ -77,7 +75,7 @@ pub struct ApiGroupMember {
 /// A page of a paginated 2.0 collection.
 #[derive(Debug, Deserialize)]
 #[serde(bound(deserialize = "T: Deserialize<'de>"))]
-pub struct Page<T> {
+pub(crate) struct Page<T> {
     #[serde(default, alias = "Values", deserialize_with = "null_as_empty")]
     pub values: Vec<T>,
     #[serde(default)]

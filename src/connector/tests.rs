@@ -391,7 +391,7 @@ fn callback_query_parsing() {
     assert_eq!(parse_callback("code=abc&state=x").unwrap(), "abc");
     assert_eq!(parse_callback("?state=x&code=a%2Bb").unwrap(), "a+b");
     match parse_callback("error=access_denied&error_description=The+user+said+no") {
-        Err(e @ Error::CallbackError { .. }) => {
+        Err(e @ Error::Callback { .. }) => {
             assert_eq!(e.to_string(), "bitbucket: access_denied: The user said no")
         }
         other => panic!("{other:?}"),

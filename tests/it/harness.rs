@@ -348,7 +348,7 @@ pub fn reason(s: &tonic::Status) -> String {
 
 /// A minimal HTTP/1.1 GET on loopback: (status, body).
 pub async fn http_get(url: &str) -> (u16, String) {
-    bitbucket_connector::bitbucket::install_crypto();
+    bitbucket_connector::install_crypto();
     let resp = reqwest::Client::new().get(url).send().await.unwrap();
     let status = resp.status().as_u16();
     (status, resp.text().await.unwrap())

@@ -110,7 +110,7 @@ fn who(i: &pb::Identity) -> (String, String, String, String, bool, Vec<String>) 
 
 /// The OAuth code exchange done by hand: (access token, refresh token).
 async fn raw_tokens(fake: &FakeBitbucket, user: &str) -> (String, String) {
-    bitbucket_connector::bitbucket::install_crypto();
+    bitbucket_connector::install_crypto();
     let code = fake.issue_code(CLIENT_ID, user);
     let body: String = url::form_urlencoded::Serializer::new(String::new())
         .append_pair("grant_type", "authorization_code")
