@@ -1364,6 +1364,25 @@ fn annotate_rows(text: &str) -> impl Iterator<Item = (f64, String)> + '_ {
     })
 }
 
+/// `callgrind_control FLAG PID` (`-z` zeroes the counters, `-d` dumps them).
+async fn callgrind_control(
+    flag: &str,
+    pid: u32,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let out = Command::new("callgrind_control")
+        .args([flag, &pid.to_string()])
+        .output()
+        .await?;
+    if !out.status.success() {
+        return Err(format!(
+            "callgrind_control {flag}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+        .into());
+    }
+    Ok(())
+}
+
 async fn profile() -> Res<()> {
     const LOGINS: usize = 2000;
     let fake = FakeBitbucket::start(bench_fixture()).await?;
@@ -1385,33 +1404,13 @@ async fn profile() -> Res<()> {
     let channels = svc.channels(2).await?;
     login_many(&channels, &fake, "bench-1", scopes(false, false), 100, 4).await;
     // Count only the measured logins: zero the counters now.
-    let z = Command::new("callgrind_control")
-        .args(["-z", &svc.pid.to_string()])
-        .output()
-        .await?;
-    if !z.status.success() {
-        return Err(format!(
-            "callgrind_control -z: {}",
-            String::from_utf8_lossy(&z.stderr)
-        )
-        .into());
-    }
+    callgrind_control("-z", svc.pid).await?;
     let hits0 = fake.total_hits();
     let t = Instant::now();
     let ok = login_many(&channels, &fake, "bench-1", scopes(false, false), LOGINS, 4).await;
     let wall = t.elapsed().as_secs_f64();
     let calls = fake.total_hits() - hits0;
-    let d = Command::new("callgrind_control")
-        .args(["-d", &svc.pid.to_string()])
-        .output()
-        .await?;
-    if !d.status.success() {
-        return Err(format!(
-            "callgrind_control -d: {}",
-            String::from_utf8_lossy(&d.stderr)
-        )
-        .into());
-    }
+    callgrind_control("-d", svc.pid).await?;
     drop(channels);
     svc.stop().await?;
     // The dump is callgrind.out.1 (from -d); the exit dump is the other.
