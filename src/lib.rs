@@ -1,11 +1,12 @@
 //! bitbucket-connector: dex's `bitbucket-cloud` connector as a gRPC service.
 //!
 //! Where things happen:
-//! - [`bitbucket`]: the only code that speaks HTTP to Bitbucket Cloud;
-//! - [`connector`]: the domain, where an identity is decided (no gRPC, no HTTP);
-//! - [`grpc`]: proto <-> domain, and the one place errors become `tonic::Status`;
+//! - `bitbucket`: the only code that speaks HTTP to Bitbucket Cloud;
+//! - `connector`: the domain, where an identity is decided (no gRPC, no HTTP);
+//! - `grpc`: proto <-> domain, and the one place errors become `tonic::Status`;
 //! - [`server`]: the tonic server, health, reflection, auth, limits, shutdown;
 //! - [`sealing`]: connector data sealed with the operator's keys;
+//! - [`config`]: the YAML file -> a validated [`config::Config`]; [`startup`]: why startup failed;
 //! - `walkthrough` and `cli::demo` (feature `demo`, on by default): the demo
 //!   against the fake Bitbucket of the `fake-bitbucket` crate (`fake/`).
 #![warn(unreachable_pub)]
