@@ -26,16 +26,17 @@ fn bearer_user(st: &ServerState, headers: &HeaderMap) -> Result<String, ApiError
 }
 
 pub(super) async fn api_user(AxState(shared): St, req: Request) -> Result<Response, ApiError> {
-    begin(&shared, Endpoint::User, &req).await?;
+    let fault = begin(&shared, Endpoint::User, &req).await?;
     let st = shared.lock();
     let uuid = bearer_user(&st, req.headers())?;
     let user = st
         .user(&uuid)
         .ok_or_else(|| ApiError::api(StatusCode::UNAUTHORIZED, "Invalid access token"))?;
-    Ok(json_response(
-        StatusCode::OK,
-        &user_json(&shared.base_url, user),
-    ))
+    let body = user_json(&shared.base_url, user);
+    Ok(match fault {
+        Some(Fault::StalledBody { pad, stall }) => stalled_json(&body, pad, stall),
+        _ => json_response(StatusCode::OK, &body),
+    })
 }
 
 pub(super) async fn api_emails(AxState(shared): St, req: Request) -> Result<Response, ApiError> {

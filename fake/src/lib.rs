@@ -164,6 +164,10 @@ pub enum Fault {
     CapitalValues,
     /// Close the TCP connection (with a RST) without any HTTP response.
     Reset,
+    /// `/2.0/user` only: its normal answer, after `pad` bytes of leading
+    /// whitespace (still valid JSON) sent as a first chunk; the rest follows
+    /// `stall` later. Holds a large body open at the client meanwhile.
+    StalledBody { pad: usize, stall: Duration },
 }
 
 impl Fault {
@@ -172,6 +176,7 @@ impl Fault {
             Fault::ForeignNext(_) | Fault::NullValues | Fault::CapitalValues => {
                 endpoint.is_paginated()
             }
+            Fault::StalledBody { .. } => endpoint == Endpoint::User,
             _ => true,
         }
     }

@@ -260,6 +260,27 @@ pub(super) fn raw(status: StatusCode, content_type: &'static str, body: String) 
     resp
 }
 
+/// 200 with `value` after `pad` bytes of whitespace, sent `stall` apart.
+pub(super) fn stalled_json(value: &Value, pad: usize, stall: Duration) -> Response {
+    use futures_util::StreamExt as _;
+    let head = bytes_of(vec![b' '; pad]);
+    let tail = bytes_of(value.to_string().into_bytes());
+    let chunks = futures_util::stream::iter([head]).chain(futures_util::stream::once(async move {
+        tokio::time::sleep(stall).await;
+        tail
+    }));
+    let mut resp = Response::new(Body::from_stream(chunks.map(Ok::<_, Infallible>)));
+    resp.headers_mut().insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
+    resp
+}
+
+fn bytes_of(v: Vec<u8>) -> axum::body::Bytes {
+    axum::body::Bytes::from(v)
+}
+
 pub(super) fn json_response(status: StatusCode, value: &Value) -> Response {
     raw(status, "application/json; charset=utf-8", value.to_string())
 }

@@ -532,3 +532,150 @@ async fn with_every_slot_taken_a_caller_without_a_token_is_still_unauthenticated
     let m = env.metrics().await;
     assert_eq!(sample(&m, "bitbucket_connector_rpc_in_flight"), 2.0, "{m}");
 }
+
+/// The service as its own process (the body budget is a static of the
+/// process): `serve` with the fake as upstream, logs to a file.
+struct OwnProcess {
+    _config: tempfile::NamedTempFile,
+    log: tempfile::NamedTempFile,
+    _child: tokio::process::Child,
+    channel: tonic::transport::Channel,
+}
+
+impl OwnProcess {
+    async fn start(fake: &fake_bitbucket::FakeBitbucket) -> OwnProcess {
+        use std::io::Write as _;
+        let addr = free_port();
+        let mut config = tempfile::NamedTempFile::new().unwrap();
+        write!(
+            config,
+            "grpc:\n  addr: {addr}\n  shutdownTimeout: 5s\nconnectorData:\n  keys: [$TEST_DATA_KEY]\nconnectors:\n- type: bitbucket-cloud\n  id: bitbucket-cloud\n  name: Bitbucket\n  config:\n    clientID: {CLIENT_ID}\n    clientSecret: $TEST_CLIENT_SECRET\n    redirectURI: {REDIRECT}\n    authURL: {}\n    tokenURL: {}\n    apiURL: {}\n    legacyAPIURL: {}\n",
+            fake.auth_url(),
+            fake.token_url(),
+            fake.api_url(),
+            fake.legacy_api_url()
+        )
+        .unwrap();
+        let log = tempfile::NamedTempFile::new().unwrap();
+        let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_bitbucket-connector"))
+            .args(["serve", "-c"])
+            .arg(config.path())
+            .env("TEST_DATA_KEY", KEY_A)
+            .env("TEST_CLIENT_SECRET", CLIENT_SECRET)
+            .stdout(std::process::Stdio::null())
+            .stderr(log.reopen().unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let channel = lazy_channel(addr);
+        wait_serving(&mut tonic_health::pb::health_client::HealthClient::new(
+            channel.clone(),
+        ))
+        .await;
+        OwnProcess {
+            _config: config,
+            log,
+            _child: child,
+            channel,
+        }
+    }
+
+    async fn login_on(
+        channel: tonic::transport::Channel,
+        fake: &fake_bitbucket::FakeBitbucket,
+    ) -> Result<pb::Identity, tonic::Status> {
+        let code = fake.issue_code(CLIENT_ID, "alice");
+        pb::connector_service_client::ConnectorServiceClient::new(channel)
+            .handle_callback(pb::HandleCallbackRequest {
+                scopes: scopes(false, false),
+                raw_query: format!("code={code}&state=s"),
+                ..Default::default()
+            })
+            .await
+            .map(|r| r.into_inner().identity.unwrap())
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.log.path()).unwrap()
+    }
+}
+
+/// How long each stalled body waits between its padding and the rest.
+const STALL: Duration = Duration::from_secs(4);
+
+/// `n` logins at once whose `/2.0/user` answers are 4 MiB − 1 KiB, stalled
+/// for [`STALL`] after the first 4 MiB − 2 KiB; how many succeeded and how
+/// many failed (each UNAVAILABLE, before any stall ended).
+async fn stalled_logins(
+    svc: &OwnProcess,
+    fake: &fake_bitbucket::FakeBitbucket,
+    n: usize,
+) -> (usize, usize) {
+    use fake_bitbucket::{Endpoint, Fault};
+    fake.inject(
+        Endpoint::User,
+        Fault::StalledBody {
+            pad: 4 * 1024 * 1024 - 2048,
+            stall: STALL,
+        },
+        Some(n as u32),
+    );
+    let started = Instant::now();
+    let mut logins = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let (channel, fake) = (svc.channel.clone(), fake.clone());
+        logins.spawn(async move {
+            let r = OwnProcess::login_on(channel, &fake).await;
+            (r.map(|_| ()), started.elapsed())
+        });
+    }
+    let (mut ok, mut failed) = (0, 0);
+    while let Some(done) = logins.join_next().await {
+        match done.unwrap() {
+            (Ok(()), took) => {
+                assert!(took >= STALL, "{took:?}");
+                ok += 1;
+            }
+            (Err(s), took) => {
+                assert_eq!(s.code(), Code::Unavailable, "{s:?}");
+                // At once, not after the stall of the bodies that fit.
+                assert!(took < STALL, "{took:?}");
+                failed += 1;
+            }
+        }
+    }
+    (ok, failed)
+}
+
+const OVER_BUDGET: &str = "upstream response bodies held at once are over budget; failing this one";
+
+/// 20 `/2.0/user` answers of 4 MiB − 1 KiB held open at once need more than
+/// the process's 64 MiB body budget: some logins fail UNAVAILABLE at once,
+/// each with the over-budget warning, the others (at most 16 fit) succeed
+/// once their bodies complete. Then the budget is all given back: 15 such
+/// logins at once all succeed, a normal one too, and health is SERVING.
+#[tokio::test]
+async fn large_upstream_bodies_held_at_once_beyond_the_process_budget_fail_unavailable() {
+    use fake_bitbucket::{FakeBitbucket, Fixture};
+    const N: usize = 20;
+    let fake = FakeBitbucket::start(Fixture::demo()).await.unwrap();
+    let svc = OwnProcess::start(&fake).await;
+
+    let (ok, over) = stalled_logins(&svc, &fake, N).await;
+    assert!((1..=16).contains(&ok), "ok {ok}, over budget {over}");
+    assert_eq!(ok + over, N);
+    assert!(over >= N - 16, "ok {ok}, over budget {over}");
+    let log = svc.log();
+    assert_eq!(log.matches(OVER_BUDGET).count(), over, "{log}");
+
+    // Every share given back.
+    assert_eq!(stalled_logins(&svc, &fake, 15).await, (15, 0));
+    OwnProcess::login_on(svc.channel.clone(), &fake)
+        .await
+        .unwrap();
+    assert_eq!(svc.log().matches(OVER_BUDGET).count(), over);
+    wait_serving(&mut tonic_health::pb::health_client::HealthClient::new(
+        svc.channel.clone(),
+    ))
+    .await;
+}
