@@ -393,3 +393,48 @@ async fn tls_channel_to(port: u16, ca_pem: &str) -> Result<Channel, tonic::trans
         .connect()
         .await
 }
+
+/// TLS handshakes in progress at once are capped (64, each within 10 s,
+/// its wait for a slot included): with every slot held by a connection that
+/// never sends a ClientHello, a real client's handshake waits until their
+/// time is up and a slot frees, then completes; the service answers SERVING
+/// and the silent connections are closed.
+#[tokio::test]
+async fn tls_handshakes_at_once_are_capped_and_a_client_waits_for_a_free_slot() {
+    const CAP: usize = 64;
+    const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+    let tls = TlsSetup::new();
+    let env = start_tls(&tls, false).await;
+    let mut silent = Vec::new();
+    for _ in 0..CAP {
+        silent.push(tokio::net::TcpStream::connect(env.addr).await.unwrap());
+    }
+    let opened = std::time::Instant::now();
+    // Their handshakes hold every slot; the client arrives well after them,
+    // so a slot frees (at their timeout) before its own time is up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let client = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&tls.server_ca.ca_pem))
+        .domain_name("localhost");
+    let ch = Channel::from_shared(format!("https://localhost:{}", env.addr.port()))
+        .unwrap()
+        .tls_config(client)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(20))
+        .connect()
+        .await
+        .unwrap();
+    let waited = opened.elapsed();
+    assert!(
+        waited >= HANDSHAKE_TIMEOUT - Duration::from_millis(500),
+        "handshake done after {waited:?}, before a slot could free"
+    );
+    assert_eq!(check(ch).await.unwrap(), 1);
+    // The silent ones were dropped at their time limit.
+    for mut tcp in silent {
+        use tokio::io::AsyncReadExt as _;
+        let mut buf = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(2), tcp.read(&mut buf)).await;
+        assert!(matches!(read, Ok(Ok(0) | Err(_))), "{read:?}");
+    }
+}
