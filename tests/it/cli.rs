@@ -76,6 +76,23 @@ fn sigterm(child: &tokio::process::Child) {
         .success());
 }
 
+/// SIGTERM, then the exit status and output (within 10 s).
+async fn sigterm_and_wait(child: tokio::process::Child) -> std::process::Output {
+    sigterm(&child);
+    tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap()
+}
+
+/// The per-RPC lines of a JSON log (every line must be JSON).
+fn rpc_lines(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .filter(|v: &serde_json::Value| v["message"] == "rpc")
+        .collect()
+}
+
 fn check_config(path: &std::path::Path) -> std::process::Output {
     Command::new(BIN)
         .args(["check-config", "-c"])
@@ -314,17 +331,9 @@ async fn access_lines_carry_the_error_and_warn_on_server_faults() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 
-    sigterm(&child);
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = sigterm_and_wait(child).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<serde_json::Value> = stderr
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .filter(|v: &serde_json::Value| v["message"] == "rpc")
-        .collect();
+    let lines = rpc_lines(&stderr);
     assert_eq!(lines.len(), 3, "{stderr}");
     let (ok, mistake, outage) = (&lines[0], &lines[1], &lines[2]);
     assert_eq!(
@@ -630,11 +639,7 @@ async fn survives_hangups(mut child: tokio::process::Child, channel: Channel) ->
         "SIGHUP stopped the process"
     );
     wait_serving(&mut health).await;
-    sigterm(&child);
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = sigterm_and_wait(child).await;
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(0), "{stderr}");
     stderr
@@ -735,17 +740,9 @@ async fn refusals_and_long_caller_strings_in_access_lines() {
         .insert("authorization", "Bearer the-token-value".parse().unwrap());
     c.login_url(req).await.unwrap_err();
 
-    sigterm(&child);
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = sigterm_and_wait(child).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let lines: Vec<serde_json::Value> = stderr
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
-        .filter(|v: &serde_json::Value| v["message"] == "rpc")
-        .collect();
+    let lines = rpc_lines(&stderr);
     assert_eq!(lines.len(), 2, "{stderr}");
     let (refused, long) = (&lines[0], &lines[1]);
     assert_eq!(
@@ -814,11 +811,7 @@ async fn running_out_of_descriptors_is_logged_and_backed_off() {
     drop(hogs);
     let fresh = lazy_channel(addr);
     wait_serving(&mut HealthClient::new(fresh)).await;
-    sigterm(&child);
-    let out = tokio::time::timeout(Duration::from_secs(10), child.wait_with_output())
-        .await
-        .unwrap()
-        .unwrap();
+    let out = sigterm_and_wait(child).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("accept failed; backing off"), "{stderr}");
     assert!(stderr.contains("Too many open files"), "{stderr}");

@@ -153,15 +153,13 @@ async fn streams_without_a_body_take_max_in_flight_slots() {
     // The slots come back when the streams go away.
     drop(held);
     drop(send);
-    let mut served = false;
-    for _ in 0..100 {
-        if env.client().login_url(login_url()).await.is_ok() {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert!(served, "the held slots were not released");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            env.client().login_url(login_url()).await.is_ok()
+        })
+        .await,
+        "the held slots were not released"
+    );
 }
 
 #[tokio::test]
@@ -391,17 +389,16 @@ async fn connections_beyond_max_connections_wait_for_a_free_slot() {
     // Queued connections are taken in order: the one that gave up goes first.
     drop(waiting);
     drop(held);
-    let mut served = false;
-    for _ in 0..50 {
-        let mut c =
-            bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh());
-        if c.login_url(login_url()).await.is_ok() {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(served, "a freed slot was not reused");
+    assert!(
+        eventually(Duration::from_millis(2500), || async {
+            bitbucket_connector::pb::connector_service_client::ConnectorServiceClient::new(fresh())
+                .login_url(login_url())
+                .await
+                .is_ok()
+        })
+        .await,
+        "a freed slot was not reused"
+    );
 }
 
 #[tokio::test]
@@ -678,4 +675,20 @@ async fn large_upstream_bodies_held_at_once_beyond_the_process_budget_fail_unava
         svc.channel.clone(),
     ))
     .await;
+}
+
+/// Whether `attempt` succeeds within `limit` (tried every 20 ms).
+async fn eventually<F, Fut>(limit: Duration, mut attempt: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let until = tokio::time::Instant::now() + limit;
+    while tokio::time::Instant::now() < until {
+        if attempt().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    false
 }

@@ -10,7 +10,6 @@ use bitbucket_connector::pb::connector_service_client::ConnectorServiceClient;
 use fake_bitbucket::{Endpoint, FakeBitbucket, Fixture};
 use tonic::transport::Channel;
 use tonic_health::pb::health_client::HealthClient;
-use tonic_health::pb::HealthCheckRequest;
 
 use crate::harness::*;
 
@@ -129,24 +128,13 @@ impl Service {
             .spawn()
             .unwrap();
         let channel = lazy_channel(addr);
-        let mut health = HealthClient::new(channel.clone());
-        for _ in 0..300 {
-            let r = health
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await;
-            if r.is_ok_and(|r| r.into_inner().status == 1) {
-                return Service {
-                    child,
-                    _config: f,
-                    channel,
-                    telemetry,
-                };
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+        wait_serving(&mut HealthClient::new(channel.clone())).await;
+        Service {
+            child,
+            _config: f,
+            channel,
+            telemetry,
         }
-        panic!("the service did not become SERVING");
     }
 
     async fn login(&self, fake: &FakeBitbucket, user: &str) -> Result<pb::Identity, tonic::Status> {
