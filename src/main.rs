@@ -51,27 +51,7 @@ enum Command {
     FakeBitbucket(fake_bitbucket::StandaloneArgs),
 }
 
-/// glibc's malloc keeps what a burst freed in its arenas (44 MB after 1,024
-/// held streams, 142 MB after big upstream bodies, still 15 s later), where
-/// the contract wants memory back after the connections close. Every 5 s, when
-/// more than 8 MiB sits free, `malloc_trim` gives it to the system. Chosen over
-/// mimalloc and jemalloc with the figures in BENCHMARKS.md (attacks).
-fn return_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    let _ = std::thread::Builder::new()
-        .name("malloc-trim".into())
-        .spawn(|| loop {
-            std::thread::sleep(std::time::Duration::from_secs(5));
-            // SAFETY: neither call takes a pointer; both lock the arenas themselves.
-            let free = unsafe { libc::mallinfo2() }.fordblks;
-            if free > 8 << 20 {
-                unsafe { libc::malloc_trim(0) };
-            }
-        });
-}
-
 fn main() -> ExitCode {
-    return_free_memory();
     // A usage mistake (a missing --config, say) is a problem like any other:
     // exit 1, as check-config and serve do; --help and --version exit 0.
     let cli = match Cli::try_parse() {
